@@ -1,0 +1,205 @@
+"""``init_lora``: calibration pass, direction selection and PEFT wiring in one call."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import layer_dims, resolve_target_modules, weight_matrix
+from .methods import METHODS, LayerInit, lora_scale
+from .peft_wiring import make_lora_config, wrap_with_lora
+from .statistics import KFACStatistics, collect_statistics
+
+
+@dataclass
+class InitReport:
+    """What an initialisation did and how long each stage took (seconds)."""
+
+    method: str
+    r: int
+    scale: float
+    target_modules: list[str]
+    timings: dict[str, float] = field(default_factory=dict)  # decomposition, statistics, initialization, peft, total
+    stats_bytes: int = 0
+    num_batches: int = 0
+    num_tokens: dict[str, int] = field(default_factory=dict)
+    layers: dict[str, LayerInit] = field(default_factory=dict)
+    original_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # fp32 W before init
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover
+        return
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise TypeError("model already holds LoRA layers; pass the base model, not a PeftModel")
+
+
+def compute_initialization(
+    model: nn.Module,
+    loader=None,
+    *,
+    method: str = "filet",
+    r: int = 16,
+    scale: float = 1.0,
+    target_modules=None,
+    num_batches: int | None = None,
+    loss_fn=None,
+    token_mask: str = "attention",
+    fisher: str = "empirical",
+    backend: str = "auto",
+    progress: bool = True,
+    seed: int = 0,
+    statistics: KFACStatistics | None = None,
+    **method_options,
+) -> InitReport:
+    """Compute every target layer's ``LayerInit`` without touching the model.
+
+    Same arguments as :func:`init_lora` (``scale`` is PEFT's ``lora_alpha / r``). The
+    returned report's ``layers`` maps layer names to ``LayerInit(lora_A, lora_B, base_weight)``.
+    ``statistics`` reuses a :class:`KFACStatistics` from an earlier pass instead of a new one.
+    """
+    _check_model(model)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    names = resolve_target_modules(model, target_modules)
+    for name in names:
+        d_out, d_in = layer_dims(model.get_submodule(name))
+        if r > min(d_out, d_in):
+            raise ValueError(f"r={r} is larger than min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} "
+                             f"({d_out}×{d_in})")
+    init_method = METHODS[method](r, scale, **method_options)
+    report = InitReport(method=method, r=r, scale=scale, target_modules=names)
+    start = time.perf_counter()
+
+    weights = {name: weight_matrix(model.get_submodule(name)).detach().float().clone() for name in names}
+    prepared = init_method.prepare(weights)
+    report.timings["decomposition"] = time.perf_counter() - start
+
+    requests = init_method.statistics_requests(weights, prepared)
+    stats = statistics
+    t = time.perf_counter()
+    if requests and stats is None:
+        if loader is None:
+            raise ValueError(f"method {method!r} needs calibration data: pass a loader")
+        stats = collect_statistics(model, loader, requests, loss_fn=loss_fn, token_mask=token_mask, fisher=fisher,
+                                   num_batches=num_batches, backend=backend, progress=progress, seed=seed)
+    if stats is not None:
+        missing = [n for n in requests if n not in stats.layers]
+        if missing:
+            raise ValueError(f"the statistics hold no entry for layers {missing}")
+        report.stats_bytes = stats.nbytes()
+        report.num_batches = stats.num_batches
+        report.num_tokens = {n: stats[n].num_tokens for n in requests}
+    report.timings["statistics"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with torch.no_grad():
+        inits = init_method.initialize(weights, stats, prepared)
+    for name, init in inits.items():
+        for key in ("lora_A", "lora_B", "base_weight"):
+            value = getattr(init, key)
+            if value is not None and not torch.isfinite(value).all():
+                raise ValueError(f"layer {name!r}: the computed {key} is not finite")
+    report.timings["initialization"] = time.perf_counter() - t
+    report.timings["total"] = time.perf_counter() - start
+    report.layers = inits
+    report.original_weights = weights
+    return report
+
+
+def init_lora(
+    model: nn.Module,
+    loader=None,
+    *,
+    method: str = "filet",
+    r: int | None = None,
+    lora_alpha: float | None = None,
+    target_modules=None,
+    lora_config=None,
+    num_batches: int | None = None,
+    loss_fn=None,
+    backend: str = "auto",
+    progress: bool = True,
+    token_mask: str = "attention",
+    fisher: str = "empirical",
+    seed: int = 0,
+    statistics: KFACStatistics | None = None,
+    **method_options,
+):
+    """Initialise LoRA adapters from calibration data and return a ready-to-train ``PeftModel``.
+
+    Args:
+        model: a ``transformers`` model or any ``nn.Module``. It is wrapped in place, as
+            ``peft.get_peft_model`` does; if anything fails before wrapping, it is left untouched.
+        loader: iterable of calibration batches: dicts of tensors with ``labels`` (as
+            ``transformers`` models take them), or ``(inputs, targets)`` pairs with ``loss_fn``.
+            Not needed by the weight-only methods (``gaussian``, ``pissa``, ``milora``).
+        method: ``"filet"`` (default), ``"lora_da"``, ``"pissa"``, ``"milora"`` or ``"gaussian"``.
+        r: LoRA rank (default 16, or ``lora_config.r``).
+        lora_alpha: LoRA alpha (default ``r``, so the scale ``s = lora_alpha / r`` is 1).
+        target_modules: PEFT-style selector; default every ``nn.Linear`` / ``Conv1D`` except
+            the output embedding and task heads.
+        lora_config: a ``peft.LoraConfig`` to start from (dropout, rsLoRA, bias, ...); its
+            ``r``, ``lora_alpha`` and ``target_modules`` are used unless given here too, in
+            which case they must agree.
+        num_batches: use at most this many batches.
+        loss_fn: ``(outputs, targets) -> summed loss`` (``reduction="sum"``), for models
+            without a Hugging Face loss or ``(inputs, targets)`` loaders.
+        backend: statistics kernels, ``"auto" | "cuda" | "triton" | "torch"``.
+        progress: show a tqdm bar over calibration batches.
+        token_mask: ``"attention"`` or ``"labels"`` (only positions that enter the loss).
+        fisher: ``"empirical"`` or ``"true"`` (labels sampled from the model, seeded by ``seed``).
+        statistics: reuse statistics from :func:`collect_statistics` instead of a new pass.
+        **method_options: passed to the method, e.g. ``energy="component"``, ``route="full"``,
+            ``candidates=64`` for FILet; ``variance_strength``, ``population_size``,
+            ``stable_gamma``, ``damping``, ``solver`` for LoRA-DA.
+
+    Returns:
+        ``peft.PeftModel`` whose outputs at step 0 equal the original model's (except for
+        floating-point rounding of the residual base weight in bf16/fp16). Methods that change
+        the base weight (``filet``, ``lora_da``, ``pissa``, ``milora``) store ``W' = W − s·B A``
+        in the base layers; save with :func:`fisher_kernels.save_residual_model`, or convert to
+        a plain LoRA adapter for the original model with PEFT's PiSSA conversion path.
+        The report of what was done is at ``peft_model.fisher_kernels_report``.
+    """
+    from peft import LoraConfig
+
+    if lora_config is not None and not isinstance(lora_config, LoraConfig):
+        raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
+    if lora_config is not None:
+        for arg, value, config_value in (("r", r, lora_config.r), ("lora_alpha", lora_alpha, lora_config.lora_alpha)):
+            if value is not None and value != config_value:
+                raise ValueError(f"{arg}={value} disagrees with lora_config.{arg}={config_value}")
+        r = lora_config.r
+        lora_alpha = lora_config.lora_alpha
+        if target_modules is None:
+            target_modules = lora_config.target_modules
+    r = 16 if r is None else r
+    lora_alpha = r if lora_alpha is None else lora_alpha
+    if not lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be positive, got {lora_alpha!r}")
+    use_rslora = bool(getattr(lora_config, "use_rslora", False))
+    scale = lora_scale(lora_alpha, r, use_rslora) if isinstance(r, int) and r > 0 else 1.0
+
+    report = compute_initialization(
+        model, loader, method=method, r=r, scale=scale, target_modules=target_modules, num_batches=num_batches,
+        loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend, progress=progress, seed=seed,
+        statistics=statistics, **method_options,
+    )
+    config = make_lora_config(report.target_modules, r, lora_alpha, lora_config)
+    t = time.perf_counter()
+    peft_model = wrap_with_lora(model, report.layers, config, scale, report.original_weights)
+    report.original_weights = {}  # only needed to undo a failed wiring
+    report.timings["peft"] = time.perf_counter() - t
+    report.timings["total"] += report.timings["peft"]
+    peft_model.fisher_kernels_report = report
+    return peft_model

@@ -1,0 +1,103 @@
+"""Finding target layers and reading their weights in one orientation.
+
+Every method sees a weight as ``W`` of shape ``(d_out, d_in)`` (``nn.Linear``'s layout).
+GPT-2's ``Conv1D`` stores ``Wᵀ``; the helpers here hide that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+try:  # transformers is a dependency, but keep the module importable without it
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment]
+
+SUPPORTED_LAYER_TYPES = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+
+# Heads that PEFT's "all-linear" leaves out: they map to labels/vocabulary, not features.
+_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+
+
+def is_supported_layer(module: nn.Module) -> bool:
+    return isinstance(module, SUPPORTED_LAYER_TYPES)
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a supported layer."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    d_in, d_out = module.weight.shape  # Conv1D stores (d_in, d_out)
+    return d_out, d_in
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as ``(d_out, d_in)`` (a view, no copy)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+
+
+@torch.no_grad()
+def set_weight_matrix(module: nn.Module, value: torch.Tensor) -> None:
+    """Write ``value`` (d_out, d_in) into the layer's weight, in the weight's dtype."""
+    weight_matrix(module).copy_(value.to(module.weight.dtype))
+
+
+def resolve_target_modules(model: nn.Module, target_modules=None) -> list[str]:
+    """Names of the layers to adapt, in model order.
+
+    ``target_modules`` follows PEFT's ``LoraConfig`` semantics: a list of name suffixes, a
+    regex string matched against the full name, or ``None`` / ``"all-linear"`` for every
+    ``nn.Linear`` and ``Conv1D`` except the output embedding and task heads
+    (``lm_head``, ``classifier``, ``score``, ``qa_outputs``).
+
+    Raises ``ValueError`` when nothing matches and ``TypeError`` when a matched layer is of a
+    type this package cannot initialise.
+    """
+    if target_modules is None or target_modules == "all-linear":
+        output_embeddings = _output_embeddings(model)
+        names = [
+            name
+            for name, module in model.named_modules()
+            if is_supported_layer(module)
+            and module is not output_embeddings
+            and name.split(".")[-1] not in _HEAD_NAMES
+        ]
+        if not names:
+            raise ValueError(f"no nn.Linear or Conv1D layer found in {type(model).__name__}")
+        return names
+
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if isinstance(target_modules, str):
+        config = LoraConfig(target_modules=target_modules)
+    else:
+        target_modules = list(target_modules)
+        if not target_modules:
+            raise ValueError("target_modules is empty")
+        config = LoraConfig(target_modules=target_modules)
+    names, unsupported = [], []
+    for name, module in model.named_modules():
+        if not name or not check_target_module_exists(config, name):
+            continue
+        if is_supported_layer(module):
+            names.append(name)
+        elif not any(True for _ in module.children()):
+            unsupported.append(f"{name} ({type(module).__name__})")
+    if unsupported:
+        raise TypeError(
+            "target_modules matched layers that fisher_kernels cannot initialise (only nn.Linear and "
+            f"GPT-2 Conv1D are supported): {', '.join(unsupported)}"
+        )
+    if not names:
+        raise ValueError(f"target_modules={target_modules!r} matched no layer of {type(model).__name__}")
+    return names
+
+
+def _output_embeddings(model: nn.Module):
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        return None

@@ -1,0 +1,44 @@
+"""Weight-only baselines: PEFT's default (``gaussian``), PiSSA and MiLoRA (SPEC §4.3)."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import InitMethod, LayerInit, batched_svd, svd_factors
+
+
+class Gaussian(InitMethod):
+    """PEFT's default: ``lora_A`` Kaiming-uniform, ``lora_B = 0``; base weight unchanged."""
+
+    name = "gaussian"
+
+    def initialize(self, weights, stats, prepared):
+        return {name: LayerInit(None, None, None) for name in weights}
+
+
+class PiSSA(InitMethod):
+    """PiSSA: adapter on the top-``r`` singular triplets of W, residual base ``W − U_r S_r V_rᵀ``."""
+
+    name = "pissa"
+    changes_base_weight = True
+    largest = True
+
+    def prepare(self, weights):
+        return batched_svd(weights)
+
+    def initialize(self, weights, stats, prepared):
+        out = {}
+        for name, W in weights.items():
+            U, S, Vh = prepared[name]
+            k = S.shape[0]
+            idx = torch.arange(self.r) if self.largest else torch.arange(k - self.r, k)
+            lora_A, lora_B = svd_factors(U[:, idx], S[idx], Vh[idx], self.scale)
+            out[name] = LayerInit(lora_A, lora_B, W - self.scale * lora_B @ lora_A, selected=idx)
+        return out
+
+
+class MiLoRA(PiSSA):
+    """MiLoRA: like PiSSA but on the bottom-``r`` (minor) singular triplets."""
+
+    name = "milora"
+    largest = False

@@ -1,0 +1,83 @@
+"""What every initialisation method shares: its result type, the LoRA scale, batched SVDs."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from ..statistics import KFACStatistics, StatisticsRequest
+
+
+@dataclass
+class LayerInit:
+    """One layer's initialisation. ``None`` keeps PEFT's default for that tensor."""
+
+    lora_A: torch.Tensor | None       # (r, d_in)
+    lora_B: torch.Tensor | None       # (d_out, r)
+    base_weight: torch.Tensor | None  # (d_out, d_in): W' replacing W, or None to keep W
+    selected: torch.Tensor | None = None  # indices of the chosen candidate directions, when meaningful
+    scores: torch.Tensor | None = None    # the score each candidate was ranked by (FILet: Fisher energy)
+
+
+def lora_scale(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """PEFT's scaling ``s``: ``lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def group_by_shape(tensors: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names grouped by tensor shape, each group in insertion order."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name, t in tensors.items():
+        groups[tuple(t.shape)].append(name)
+    return list(groups.values())
+
+
+def batched_svd(weights: dict[str, torch.Tensor], top: int | None = None):
+    """Thin SVD ``W = U diag(S) Vh`` of every weight, one batched call per shape.
+
+    Returns ``{name: (U (d_out, k), S (k,), Vh (k, d_in))}`` with singular values descending,
+    keeping the first ``top`` triplets when given.
+    """
+    out = {}
+    for names in group_by_shape(weights):
+        U, S, Vh = torch.linalg.svd(torch.stack([weights[n] for n in names]), full_matrices=False)
+        for i, name in enumerate(names):
+            k = S.shape[-1] if top is None else min(top, S.shape[-1])
+            out[name] = (U[i, :, :k], S[i, :k], Vh[i, :k, :])
+    return out
+
+
+def svd_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float):
+    """PiSSA's split of ``U diag(S) Vh`` into LoRA factors with ``s · B A = U diag(S) Vh``."""
+    root = torch.sqrt(S / scale)
+    return root[:, None] * Vh, U * root[None, :]  # lora_A (r, d_in), lora_B (d_out, r)
+
+
+class InitMethod:
+    """A data-driven (or weight-only) LoRA initialisation.
+
+    The orchestration calls, in order: ``prepare(weights)`` (work on weights alone, e.g. a
+    decomposition), ``statistics_requests(weights, prepared)`` (empty when the method needs no
+    data), then ``initialize(weights, stats, prepared)``. ``weights`` maps layer names to
+    fp32 ``W (d_out, d_in)``. The method never sees how its statistics were computed.
+    """
+
+    name: str = ""
+    changes_base_weight: bool = False
+
+    def __init__(self, r: int, scale: float, **options):
+        self.r, self.scale = r, scale
+        if options:
+            raise TypeError(f"method {self.name!r} got unexpected options: {', '.join(sorted(options))}")
+
+    def prepare(self, weights: dict[str, torch.Tensor]):
+        return None
+
+    def statistics_requests(self, weights, prepared) -> dict[str, StatisticsRequest]:
+        return {}
+
+    def initialize(self, weights, stats: KFACStatistics | None, prepared) -> dict[str, LayerInit]:
+        raise NotImplementedError

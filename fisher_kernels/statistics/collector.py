@@ -1,0 +1,276 @@
+"""One calibration pass that accumulates the K-FAC statistics methods ask for (SPEC §2).
+
+A forward hook on each target layer updates the input-side sums from the layer input and
+registers a tensor hook on the layer output; that tensor hook updates the output-side sums
+when the gradient of the summed loss arrives. Parameters never need gradients: the pass
+switches ``requires_grad`` off, runs under ``enable_grad`` and puts everything back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..layers import layer_dims
+from ..ops import get_ops
+from .batches import is_causal_lm, prepare_batch, sampled_label_loss, summed_model_loss
+from .containers import KFACStatistics, LayerStatistics, StatisticsRequest
+from .model_state import PreservedModelState
+
+logger = logging.getLogger(__name__)
+
+
+class _LayerAccumulator:
+    """Running fp32 sums of one layer (un-normalised)."""
+
+    def __init__(self, name: str, module: nn.Module, request: StatisticsRequest, device):
+        self.name, self.module, self.request = name, module, request
+        d_out, d_in = layer_dims(module)
+        self.d_in = d_in
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=device)  # noqa: E731
+        self.num_tokens = 0
+        self.input_factor = zeros(d_in, d_in) if request.input_factor else None
+        self.output_factor = zeros(d_out, d_out) if request.output_factor else None
+        self.output_factor_diag = zeros(d_out) if request.output_factor_diag else None
+        self.gradient = zeros(d_out, d_in) if request.gradient else None
+        self.input_basis = None if request.input_basis is None else request.input_basis.to(device, torch.float32)
+        self.output_basis = None if request.output_basis is None else request.output_basis.to(device, torch.float32)
+        self.input_projected_energy = None if self.input_basis is None else zeros(self.input_basis.shape[1])
+        self.output_projected_energy = None if self.output_basis is None else zeros(self.output_basis.shape[1])
+        self.shared_with: str | None = None
+        self.sharing_decided = False
+
+
+class _StatisticsHooks:
+    def __init__(self, model: nn.Module, requests: dict[str, StatisticsRequest], ops, device):
+        modules = dict(model.named_modules())
+        self.ops = ops
+        self.layers = {name: _LayerAccumulator(name, modules[name], req, device) for name, req in requests.items()}
+        self.token_mask: torch.Tensor | None = None
+        self.batch_index = 0
+        self._inputs_this_batch: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def register(self, guard: PreservedModelState) -> None:
+        for layer in self.layers.values():
+            guard.add_hook(layer.module.register_forward_hook(self._forward_hook(layer)))
+
+    def start_batch(self, token_mask: torch.Tensor | None, index: int) -> None:
+        self.token_mask, self.batch_index = token_mask, index
+        self._inputs_this_batch.clear()
+
+    def _row_mask(self, layer: _LayerAccumulator, x: torch.Tensor) -> torch.Tensor | None:
+        lead = x.shape[:-1]
+        mask = self.token_mask
+        if mask is None or (len(lead) == 1 and lead[0] == mask.shape[0]):
+            return None  # all tokens, or a sequence-level layer (one row per sample)
+        if tuple(lead) != tuple(mask.shape):
+            raise ValueError(
+                f"layer {layer.name!r}: input of shape {tuple(x.shape)} does not match the token mask "
+                f"{tuple(mask.shape)} of batch {self.batch_index}"
+            )
+        return mask.reshape(-1)
+
+    def _owns_input_factor(self, layer: _LayerAccumulator, x: torch.Tensor) -> bool:
+        """True when this layer must update its input factor. A layer that receives the very
+        same input tensor as an earlier layer in the first batch shares that layer's factor
+        (q/k/v, gate/up); later batches must show the same sharing."""
+        seen = self._inputs_this_batch.get(id(x))
+        owner = seen[1] if seen is not None and seen[0] is x else None
+        if not layer.sharing_decided:
+            layer.sharing_decided = True
+            if owner is not None:
+                layer.shared_with, layer.input_factor = owner, self.layers[owner].input_factor
+        elif owner != layer.shared_with:
+            raise RuntimeError(f"layer {layer.name!r} shared its input with {layer.shared_with!r} in the first "
+                               f"batch but with {owner!r} now; input sharing must not change between batches")
+        if owner is None:
+            self._inputs_this_batch[id(x)] = (x, layer.name)
+        return owner is None
+
+    def _forward_hook(self, layer: _LayerAccumulator):
+        def hook(module, args, output):
+            x = args[0].detach()
+            mask = self._row_mask(layer, x)
+            rows = x.reshape(-1, layer.d_in)
+            layer.num_tokens += rows.shape[0] if mask is None else int(mask.sum())
+            req = layer.request
+            if req.input_factor and self._owns_input_factor(layer, args[0]):
+                self.ops.masked_syrk_(layer.input_factor, rows, mask)
+            if layer.input_basis is not None:
+                self.ops.masked_projected_energy_(layer.input_projected_energy, rows, layer.input_basis, mask)
+            if req.needs_output_gradient:
+                if not output.requires_grad:
+                    output.requires_grad_(True)
+                output.register_hook(self._gradient_hook(layer, rows if req.gradient else None, mask))
+
+        return hook
+
+    def _gradient_hook(self, layer: _LayerAccumulator, rows: torch.Tensor | None, mask):
+        def hook(grad):
+            g = grad.detach().reshape(-1, grad.shape[-1])
+            if layer.output_factor is not None:
+                self.ops.masked_syrk_(layer.output_factor, g, mask)
+            if layer.output_factor_diag is not None:
+                self.ops.masked_column_sumsq_(layer.output_factor_diag, g, mask)
+            if layer.gradient is not None:
+                self.ops.masked_outer_(layer.gradient, g, rows, mask)
+            if layer.output_basis is not None:
+                self.ops.masked_projected_energy_(layer.output_projected_energy, g, layer.output_basis, mask)
+
+        return hook
+
+    def finalize(self) -> dict[str, LayerStatistics]:
+        out, normalised, symmetrised = {}, {}, set()
+        for name, layer in self.layers.items():
+            if layer.num_tokens == 0:
+                raise ValueError(f"layer {name!r} saw no counted token: every token of every batch was masked")
+            n = float(layer.num_tokens)
+
+            def mean(t):
+                if t is None:
+                    return None
+                if id(t) not in normalised:  # shared input factors are divided once
+                    normalised[id(t)] = t.div_(n)
+                return normalised[id(t)]
+
+            stats = LayerStatistics(
+                num_tokens=layer.num_tokens,
+                input_factor=mean(layer.input_factor),
+                output_factor=mean(layer.output_factor),
+                output_factor_diag=mean(layer.output_factor_diag),
+                gradient=mean(layer.gradient),
+                input_projected_energy=mean(layer.input_projected_energy),
+                output_projected_energy=mean(layer.output_projected_energy),
+                input_factor_shared_with=layer.shared_with,
+            )
+            for key, t in stats.tensors().items():
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"layer {name!r}: statistic {key!r} is not finite")
+            for key in ("input_factor", "output_factor"):  # one triangle may be all a kernel computes
+                t = getattr(stats, key)
+                if t is not None and id(t) not in symmetrised:
+                    symmetrised.add(id(t))
+                    t.copy_(torch.triu(t) + torch.triu(t, 1).T)
+            out[name] = stats
+        return out
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def collect_statistics(
+    model: nn.Module,
+    loader,
+    requests: dict[str, StatisticsRequest],
+    *,
+    loss_fn=None,
+    token_mask: str = "attention",
+    fisher: str = "empirical",
+    num_batches: int | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+    seed: int = 0,
+) -> KFACStatistics:
+    """Run one calibration pass over ``loader`` and return the requested statistics.
+
+    Args:
+        model: any ``nn.Module``; Hugging Face models take dict batches.
+        loader: iterable of batches: dicts of tensors with ``labels`` (unless ``loss_fn`` is
+            given or ``fisher="true"``), or ``(inputs, targets)`` pairs with ``loss_fn``.
+        requests: ``{layer name: StatisticsRequest}``.
+        loss_fn: ``(outputs, targets) -> loss`` returning the **sum** of per-token (or
+            per-sample) losses, e.g. ``nn.CrossEntropyLoss(reduction="sum")``. Without it the
+            loss is recomputed as a sum from ``outputs.logits`` and ``labels``, checked on the
+            first batch against the model's own (mean) loss.
+        token_mask: ``"attention"`` counts tokens with ``attention_mask == 1`` (all tokens
+            without a mask); ``"labels"`` counts positions that contribute to the loss.
+        fisher: ``"empirical"`` (labels from the data) or ``"true"`` (labels sampled from the
+            model's predictive distribution, seeded by ``seed``).
+        num_batches: stop after this many batches.
+        backend: statistics backend, see :func:`fisher_kernels.backends`.
+
+    The model is run in eval mode (dropout off) and is left exactly as found: hooks removed,
+    ``requires_grad``, ``.grad`` and train/eval mode of every module restored, also when the
+    pass raises. Errors name the batch that caused them.
+    """
+    if fisher not in ("empirical", "true"):
+        raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+    if token_mask not in ("attention", "labels"):
+        raise ValueError(f"token_mask must be 'attention' or 'labels', got {token_mask!r}")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    requests = {name: req for name, req in requests.items() if not req.is_empty}
+    ops = get_ops(backend)
+    device = _model_device(model)
+    causal = is_causal_lm(model)
+    generator = torch.Generator().manual_seed(seed)
+    stats = KFACStatistics(fisher=fisher, token_mask=token_mask)
+
+    batches = loader if num_batches is None else itertools.islice(loader, num_batches)
+    total = num_batches
+    if total is None and hasattr(loader, "__len__"):
+        total = len(loader)
+    with PreservedModelState(model) as guard, torch.enable_grad():
+        hooks = _StatisticsHooks(model, requests, ops, device)
+        hooks.register(guard)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        bar = tqdm(batches, total=total, desc="fisher_kernels: calibration", unit="batch", disable=not progress)
+        for index, batch in enumerate(bar):
+            try:
+                prepared = prepare_batch(batch, index, device, token_mask=token_mask,
+                                         needs_labels=loss_fn is None and fisher == "empirical", causal=causal)
+                hooks.start_batch(prepared.token_mask, index)
+                loss = _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check=index == 0)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"batch {index}: the loss is not finite ({loss.item()})")
+                if requests and loss.requires_grad:
+                    loss.backward()
+            except (ValueError, TypeError, RuntimeError) as err:
+                if f"batch {index}" in str(err):
+                    raise
+                raise type(err)(f"batch {index}: {err}") from err
+            hooks.start_batch(None, index + 1)  # drop this batch's references
+            stats.num_batches += 1
+            stats.num_sequences += prepared.num_sequences
+        if stats.num_batches == 0:
+            raise ValueError("the calibration loader yielded no batch")
+        stats.layers = hooks.finalize()
+    return stats
+
+
+def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check) -> torch.Tensor:
+    labels = prepared.targets
+    use_model_loss_check = check and loss_fn is None and fisher == "empirical"
+    kwargs = dict(prepared.kwargs)
+    if use_model_loss_check:
+        kwargs["labels"] = labels
+    outputs = model(*prepared.args, **kwargs)
+    if fisher == "true":
+        return sampled_label_loss(outputs, prepared.token_mask, generator)
+    if loss_fn is not None:
+        loss = loss_fn(outputs, labels)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+        return loss
+    loss, count = summed_model_loss(outputs, labels, causal=causal)
+    model_loss = getattr(outputs, "loss", None)
+    if use_model_loss_check and model_loss is not None and count > 0:
+        mean = loss.item() / count
+        if not math.isclose(mean, model_loss.item(), rel_tol=2e-2, abs_tol=1e-4):
+            raise ValueError(
+                f"the summed loss recomputed from logits ({mean:.6g} per token) does not match the model's "
+                f"own loss ({model_loss.item():.6g}); pass loss_fn=(outputs, targets) -> summed loss"
+            )
+    return loss
