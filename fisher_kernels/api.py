@@ -76,6 +76,10 @@ def compute_initialization(
         if r > min(d_out, d_in):
             raise ValueError(f"r={r} is larger than min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} "
                              f"({d_out}×{d_in})")
+    unknown = sorted(set(method_options) - set(METHODS[method].option_names()))
+    if unknown:
+        raise TypeError(f"method {method!r} got unexpected options {unknown}; it accepts "
+                        f"{METHODS[method].option_names() or 'none'}")
     init_method = METHODS[method](r, scale, **method_options)
     report = InitReport(method=method, r=r, scale=scale, target_modules=names)
     start = time.perf_counter()
@@ -184,18 +188,26 @@ def init_lora(
         if target_modules is None:
             target_modules = lora_config.target_modules
     r = 16 if r is None else r
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
     lora_alpha = r if lora_alpha is None else lora_alpha
     if not lora_alpha > 0:
         raise ValueError(f"lora_alpha must be positive, got {lora_alpha!r}")
     use_rslora = bool(getattr(lora_config, "use_rslora", False))
-    scale = lora_scale(lora_alpha, r, use_rslora) if isinstance(r, int) and r > 0 else 1.0
+    scale = lora_scale(lora_alpha, r, use_rslora)
 
+    _check_model(model)
+    names = resolve_target_modules(model, target_modules)
+    conv1d = [n for n in names if not isinstance(model.get_submodule(n), nn.Linear)]
+    if conv1d and len(conv1d) != len(names):
+        raise TypeError("target_modules mixes nn.Linear and Conv1D layers, which one PEFT config cannot express; "
+                        f"target them in two calls (Conv1D: {conv1d[:3]}...)")
     report = compute_initialization(
-        model, loader, method=method, r=r, scale=scale, target_modules=target_modules, num_batches=num_batches,
+        model, loader, method=method, r=r, scale=scale, target_modules=names, num_batches=num_batches,
         loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend, progress=progress, seed=seed,
         statistics=statistics, **method_options,
     )
-    config = make_lora_config(report.target_modules, r, lora_alpha, lora_config)
+    config = make_lora_config(report.target_modules, r, lora_alpha, lora_config, fan_in_fan_out=bool(conv1d))
     t = time.perf_counter()
     peft_model = wrap_with_lora(model, report.layers, config, scale, report.original_weights)
     report.original_weights = {}  # only needed to undo a failed wiring

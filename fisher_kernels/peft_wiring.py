@@ -12,8 +12,9 @@ from .layers import set_weight_matrix
 from .methods import LayerInit
 
 
-def make_lora_config(target_names: list[str], r: int, lora_alpha: float, lora_config=None):
-    """A ``LoraConfig`` for exactly ``target_names`` (a copy of ``lora_config`` when given)."""
+def make_lora_config(target_names: list[str], r: int, lora_alpha: float, lora_config=None, fan_in_fan_out=False):
+    """A ``LoraConfig`` for exactly ``target_names`` (a copy of ``lora_config`` when given).
+    ``fan_in_fan_out`` must be True for GPT-2 ``Conv1D`` targets."""
     from peft import LoraConfig
 
     config = LoraConfig(r=r, lora_alpha=lora_alpha) if lora_config is None else copy.deepcopy(lora_config)
@@ -24,6 +25,7 @@ def make_lora_config(target_names: list[str], r: int, lora_alpha: float, lora_co
         raise ValueError("lora_config.rank_pattern / alpha_pattern are not supported yet: use one r and lora_alpha")
     config.target_modules = list(target_names)
     config.init_lora_weights = True
+    config.fan_in_fan_out = fan_in_fan_out
     return config
 
 
@@ -42,6 +44,7 @@ def wrap_with_lora(model: nn.Module, inits: dict[str, LayerInit], config, scale:
     try:
         for name, init in inits.items():
             layer = model.get_submodule(name)
+            layer.train(layer.get_base_layer().training)  # new dropout modules follow the model's mode
             if not math.isclose(layer.scaling[adapter], scale, rel_tol=1e-9):
                 raise RuntimeError(f"layer {name!r}: PEFT's scaling {layer.scaling[adapter]} differs from {scale}")
             if init.lora_A is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -68,10 +69,14 @@ class InitMethod:
     name: str = ""
     changes_base_weight: bool = False
 
-    def __init__(self, r: int, scale: float, **options):
+    def __init__(self, r: int, scale: float):
         self.r, self.scale = r, scale
-        if options:
-            raise TypeError(f"method {self.name!r} got unexpected options: {', '.join(sorted(options))}")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The keyword options the method accepts."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
     def prepare(self, weights: dict[str, torch.Tensor]):
         return None

@@ -227,8 +227,12 @@ def collect_statistics(
             p.requires_grad_(False)
         model.eval()
         bar = tqdm(batches, total=total, desc="fisher_kernels: calibration", unit="batch", disable=not progress)
-        for index, batch in enumerate(bar):
+        batch_iter = iter(bar)
+        for index in itertools.count():
             try:
+                batch = next(batch_iter, _END)
+                if batch is _END:
+                    break
                 prepared = prepare_batch(batch, index, device, token_mask=token_mask,
                                          needs_labels=loss_fn is None and fisher == "empirical", causal=causal)
                 hooks.start_batch(prepared.token_mask, index)
@@ -237,17 +241,32 @@ def collect_statistics(
                     raise ValueError(f"batch {index}: the loss is not finite ({loss.item()})")
                 if requests and loss.requires_grad:
                     loss.backward()
-            except (ValueError, TypeError, RuntimeError) as err:
-                if f"batch {index}" in str(err):
+            except Exception as err:
+                located = _with_batch_index(err, index)
+                if located is err:
                     raise
-                raise type(err)(f"batch {index}: {err}") from err
+                raise located from err
             hooks.start_batch(None, index + 1)  # drop this batch's references
             stats.num_batches += 1
             stats.num_sequences += prepared.num_sequences
+        bar.close()
         if stats.num_batches == 0:
             raise ValueError("the calibration loader yielded no batch")
         stats.layers = hooks.finalize()
     return stats
+
+
+_END = object()
+
+
+def _with_batch_index(err: Exception, index: int) -> Exception:
+    """The same error, saying which calibration batch raised it."""
+    if f"batch {index}" in str(err):
+        return err
+    if type(err) in (ValueError, TypeError, RuntimeError):
+        return type(err)(f"batch {index}: {err}")
+    err.add_note(f"fisher_kernels: raised while processing calibration batch {index}")
+    return err
 
 
 def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check) -> torch.Tensor:

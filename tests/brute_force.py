@@ -1,0 +1,57 @@
+"""Statistics by explicit loops over tokens, one unpadded sample at a time: the test oracle.
+
+Independent of the package: its own hooks, its own summed loss, its own per-token sums,
+all in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
+
+
+def summed_sample_loss(kind: str, logits: torch.Tensor, sample: dict) -> torch.Tensor:
+    if kind in ("llama", "gpt2"):
+        return F.cross_entropy(logits[0, :-1].double(), sample["labels"][0, 1:], reduction="sum")
+    return F.cross_entropy(logits.double(), sample["labels"], reduction="sum")
+
+
+def brute_force_statistics(model, kind: str, samples, names):
+    """{name: dict(A, G, grad, n)} as float64 means over every token of every sample."""
+    modules = dict(model.named_modules())
+    sums = {}
+    for name in names:
+        m = modules[name]
+        d_out, d_in = (m.out_features, m.in_features) if not isinstance(m, Conv1D) else m.weight.shape[::-1]
+        sums[name] = dict(A=torch.zeros(d_in, d_in, dtype=torch.float64), G=torch.zeros(d_out, d_out, dtype=torch.float64),
+                          grad=torch.zeros(d_out, d_in, dtype=torch.float64), n=0)
+    for sample in samples:
+        captured = {}
+
+        def capture(name):
+            def hook(module, args, output):
+                output.retain_grad() if output.requires_grad else output.requires_grad_(True)
+                captured[name] = (args[0].detach(), output)
+            return hook
+
+        handles = [modules[n].register_forward_hook(capture(n)) for n in names]
+        try:
+            with torch.enable_grad():
+                logits = model(**{k: v for k, v in sample.items() if k != "labels"}).logits
+                loss = summed_sample_loss(kind, logits, sample)
+                outputs = [captured[n][1] for n in names]
+                grads = torch.autograd.grad(loss, outputs)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, grad in zip(names, grads):
+            x = captured[name][0].reshape(-1, captured[name][0].shape[-1]).double()
+            g = grad.reshape(-1, grad.shape[-1]).double()
+            s = sums[name]
+            for t in range(x.shape[0]):  # explicit loop over tokens
+                s["A"] += torch.outer(x[t], x[t])
+                s["G"] += torch.outer(g[t], g[t])
+                s["grad"] += torch.outer(g[t], x[t])
+                s["n"] += 1
+    return {name: dict(A=s["A"] / s["n"], G=s["G"] / s["n"], grad=s["grad"] / s["n"], n=s["n"]) for name, s in sums.items()}

@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from brute_force import brute_force_statistics
+from fisher_kernels import compute_initialization, resolve_target_modules
+from fisher_kernels.layers import weight_matrix
+from tiny_models import make_model, make_samples, pad_batches
+
+R = 4
+
+
+def expected_selection(W, A, G, r, energy):
+    """Top-r candidates by Fisher energy, from a float64 SVD and brute-force factors."""
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    e = torch.einsum("oi,op,pi->i", U, G, U) * torch.einsum("id,de,ie->i", Vh, A, Vh)
+    if energy == "component":
+        e = e * S.square()
+    order = torch.argsort(e, descending=True)
+    return order[:r], e, S
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("energy", ["direction", "component"])
+@pytest.mark.parametrize("route", ["projected", "full"])
+def test_filet_picks_the_top_r_candidates_by_fisher_energy(kind, energy, route):
+    model = make_model(kind)
+    samples = make_samples(kind, n=5)
+    names = resolve_target_modules(model)
+    report = compute_initialization(model, pad_batches(samples, 2), method="filet", r=R, energy=energy,
+                                    route=route, progress=False)
+    oracle = brute_force_statistics(model, kind, samples, names)
+    for name in names:
+        W = weight_matrix(model.get_submodule(name)).detach()
+        top, e, _ = expected_selection(W, oracle[name]["A"], oracle[name]["G"], R, energy)
+        chosen = report.layers[name].selected
+        ranked = torch.sort(e, descending=True).values
+        if (ranked[R - 1] - ranked[R]) > 1e-4 * ranked[0]:  # no near-tie at the cut
+            assert sorted(chosen.tolist()) == sorted(top.tolist()), name
+        assert torch.allclose(report.layers[name].scores.double(), e, rtol=2e-3, atol=1e-6 * e.max().item()), name
+
+
+def test_filet_selection_differs_from_pissa_somewhere():
+    """The point of the method: Fisher energy does not just reproduce singular-value order."""
+    model = make_model("llama")
+    report = compute_initialization(model, pad_batches(make_samples("llama"), 2), method="filet", r=R, progress=False)
+    assert any(sorted(l.selected.tolist()) != list(range(R)) for l in report.layers.values())
+
+
+def test_filet_routes_agree():
+    model = make_model("llama")
+    batches = pad_batches(make_samples("llama", n=6), 3)
+    full = compute_initialization(model, batches, method="filet", r=R, route="full", progress=False)
+    projected = compute_initialization(model, batches, method="filet", r=R, route="projected", progress=False)
+    for name, f in full.layers.items():
+        p = projected.layers[name]
+        assert torch.allclose(f.scores, p.scores, rtol=1e-3, atol=1e-7 * f.scores.max().item()), name
+        assert torch.equal(f.selected, p.selected), name
+        assert torch.allclose(f.lora_A, p.lora_A) and torch.allclose(f.lora_B, p.lora_B)
+    assert projected.stats_bytes < full.stats_bytes / 4
+
+
+def test_filet_factors_follow_the_pissa_convention():
+    model = make_model("llama")
+    scale = 0.5
+    report = compute_initialization(model, pad_batches(make_samples("llama"), 2), method="filet", r=R,
+                                    scale=scale, progress=False)
+    for name, init in report.layers.items():
+        W = weight_matrix(model.get_submodule(name)).detach().double()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        idx = init.selected
+        component = U[:, idx] @ torch.diag(S[idx]) @ Vh[idx]
+        assert torch.allclose(scale * init.lora_B.double() @ init.lora_A.double(), component, atol=1e-5)
+        assert torch.allclose(init.base_weight.double(), W - component, atol=1e-5)
+        # A and B carry equal magnitude: row norms of A equal column norms of B
+        assert torch.allclose(init.lora_A.norm(dim=1), init.lora_B.norm(dim=0), rtol=1e-4)
+
+
+def test_candidates_option_restricts_to_top_singular_triplets():
+    model = make_model("llama")
+    report = compute_initialization(model, pad_batches(make_samples("llama"), 2), method="filet", r=R,
+                                    candidates=6, progress=False)
+    for init in report.layers.values():
+        assert init.scores.shape == (6,)
+        assert init.selected.max() < 6
