@@ -210,8 +210,8 @@ def collect_statistics(
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     requests = {name: req for name, req in requests.items() if not req.is_empty}
-    ops = get_ops(backend)
     device = _model_device(model)
+    ops = get_ops(backend, device)
     causal = is_causal_lm(model)
     generator = torch.Generator().manual_seed(seed)
     stats = KFACStatistics(fisher=fisher, token_mask=token_mask)

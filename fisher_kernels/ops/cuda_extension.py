@@ -1,0 +1,57 @@
+"""The compiled CUDA extension (``csrc/``), with the CUDA stream passed in from Python.
+
+The extension is built by ``setup.py`` (see ``fisher_kernels/_build_cuda.py``) when CUDA is
+available or ``FISHER_KERNELS_BUILD_CUDA=1``. Its kernels take raw pointers, sizes, strides
+and the stream; this module checks arguments and supplies those.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+
+def load() -> SimpleNamespace:
+    """Import the extension; raises when it is not built or no CUDA device is present."""
+    from fisher_kernels import _cuda_kernels  # ImportError when not built
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("the CUDA extension is built but no CUDA device is available")
+    return SimpleNamespace(
+        masked_syrk_=lambda acc, x, mask: _gram(_cuda_kernels, acc, x, x, mask, True),
+        masked_outer_=lambda acc, g, x, mask: _gram(_cuda_kernels, acc, g, x, mask, False),
+        masked_column_sumsq_=lambda acc, x, mask: _column_sumsq(_cuda_kernels, acc, x, mask),
+        masked_projected_energy_=lambda acc, x, basis, mask: _projected_energy(_cuda_kernels, acc, x, basis, mask),
+    )
+
+
+def _stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def _mask_arg(mask, like):
+    return None if mask is None else mask.to(device=like.device, dtype=torch.float32).contiguous()
+
+
+def _gram(ext, acc, a, b, mask, symmetric):
+    if b.dtype != a.dtype:
+        b = b.to(a.dtype)
+    if a.shape[0] == 0:
+        return acc
+    ext.masked_gram(acc, a, b, _mask_arg(mask, a), symmetric, _stream())
+    return acc
+
+
+def _column_sumsq(ext, acc, x, mask):
+    if x.shape[0] == 0:
+        return acc
+    ext.masked_column_sumsq(acc, x, _mask_arg(mask, x), _stream())
+    return acc
+
+
+def _projected_energy(ext, acc, x, basis, mask):
+    if x.shape[0] == 0:
+        return acc
+    ext.masked_projected_energy(acc, x, basis.to(torch.float32).contiguous(), _mask_arg(mask, x), _stream())
+    return acc
