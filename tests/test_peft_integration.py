@@ -8,7 +8,7 @@ from fisher_kernels import init_lora, save_residual_model
 from fisher_kernels.layers import weight_matrix
 from tiny_models import make_model, make_samples, pad_batches
 
-METHODS = ["filet", "lora_da", "pissa", "milora", "gaussian"]
+METHODS = ["filet", "lora_da", "pissa", "milora", "gaussian", "lora_ga"]
 
 
 def logits(model, batch):

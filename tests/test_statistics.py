@@ -155,3 +155,16 @@ def test_loss_fn_with_input_target_pairs_matches_dict_batches():
     got = collect_statistics(model, pairs, req, loss_fn=loss_fn, progress=False)
     assert torch.allclose(got[name].output_factor, ref[name].output_factor, rtol=1e-5, atol=1e-8)
     assert torch.allclose(got[name].input_factor, ref[name].input_factor, rtol=1e-6)
+
+
+def test_triton_backend_gives_the_reference_statistics():
+    """End to end through the collector (symmetrisation of upper-triangle kernels included)."""
+    model = make_model("llama")
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+    requests = full_requests(model, names)
+    batches = pad_batches(make_samples("llama", n=4), 2)
+    ref = collect_statistics(model, batches, requests, backend="torch", progress=False)
+    tri = collect_statistics(model, batches, requests, backend="triton", progress=False)
+    for name in names:
+        for key, t in ref[name].tensors().items():
+            assert torch.allclose(getattr(tri[name], key), t, rtol=1e-4, atol=1e-6), (name, key)

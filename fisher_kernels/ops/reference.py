@@ -26,8 +26,10 @@ def masked_syrk_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None) 
 
 def masked_column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``acc += Σ_t mask_t x_t²`` (the diagonal of ``xᵀ diag(mask) x``); acc (d,) fp32."""
-    acc.add_((_masked_fp32(x, mask) * x.float()).sum(dim=0))
-    return acc
+    squares = x.float().square()
+    if mask is None:
+        return acc.add_(squares.sum(dim=0))
+    return acc.addmv_(squares.T, mask.to(torch.float32))
 
 
 def masked_projected_energy_(
