@@ -24,7 +24,7 @@ from collections import defaultdict
 
 import torch
 
-from ..solvers import eigh_extreme
+from ..solvers import lobpcg_extreme
 from ..statistics import StatisticsRequest
 from .common import InitMethod, LayerInit
 
@@ -56,7 +56,7 @@ class LoraDA(InitMethod):
         population_size n_pop: size of the training set the adapter will be trained on;
             ``None`` uses the number of calibration sequences (say the real number when known),
         solver: ``(matrices (b, n, n), k, largest) -> (values (b, k), vectors (b, n, k))``,
-            default exact ``eigh``.
+            default the batched LOBPCG (exact ``eigh`` for small widths and as its fallback).
     """
 
     name = "lora_da"
@@ -64,7 +64,7 @@ class LoraDA(InitMethod):
 
     def __init__(self, r, scale, *, bias_strength: float = 1.0, variance_strength: float = 0.03,
                  damping: float = 1e-6, stable_gamma: float = 1024.0, population_size: int | None = None,
-                 normalize: bool = True, solver=eigh_extreme):
+                 normalize: bool = True, solver=lobpcg_extreme):
         super().__init__(r, scale)
         if bias_strength < 0 or variance_strength < 0:
             raise ValueError("bias_strength and variance_strength must be non-negative")
