@@ -1,0 +1,57 @@
+"""Random-weight model shapes and calibration data for the benchmarks (no download)."""
+
+from __future__ import annotations
+
+import torch
+
+PRESETS = {
+    # name: model shape, calibration set, rank; "cpu" is the goal configuration of the suite
+    "smoke": dict(kind="llama", hidden=64, layers=2, intermediate=176, vocab=512, heads=4, kv_heads=2,
+                  samples=16, seq_len=32, batch_size=8, r=4),
+    "cpu": dict(kind="llama", hidden=1024, layers=2, intermediate=2816, vocab=8192, heads=16, kv_heads=4,
+                samples=256, seq_len=128, batch_size=8, r=16),
+    "gpt2": dict(kind="gpt2", hidden=768, layers=12, intermediate=3072, vocab=50257, heads=12, kv_heads=12,
+                 samples=256, seq_len=128, batch_size=8, r=16),
+    "llama-1b": dict(kind="llama", hidden=2048, layers=16, intermediate=8192, vocab=128256, heads=32, kv_heads=8,
+                     samples=256, seq_len=512, batch_size=8, r=32),
+}
+
+
+def build_model(preset: dict, seed: int = 0, dtype=torch.float32, device="cpu"):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if preset["kind"] == "llama":
+        config = LlamaConfig(vocab_size=preset["vocab"], hidden_size=preset["hidden"],
+                             intermediate_size=preset["intermediate"], num_hidden_layers=preset["layers"],
+                             num_attention_heads=preset["heads"], num_key_value_heads=preset["kv_heads"],
+                             max_position_embeddings=max(2048, preset["seq_len"]))
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=preset["vocab"], n_embd=preset["hidden"], n_layer=preset["layers"],
+                            n_head=preset["heads"], n_inner=preset["intermediate"],
+                            n_positions=max(1024, preset["seq_len"]))
+        model = GPT2LMHeadModel(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def calibration_batches(preset: dict, seed: int = 1, device="cpu"):
+    """Batches of random token sequences with a padded tail on every other sequence."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    n, L, bs = preset["samples"], preset["seq_len"], preset["batch_size"]
+    for start in range(0, n, bs):
+        size = min(bs, n - start)
+        ids = torch.randint(0, preset["vocab"], (size, L), generator=g)
+        mask = torch.ones(size, L, dtype=torch.long)
+        mask[1::2, L - L // 8:] = 0
+        batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                        "labels": ids.masked_fill(mask == 0, -100).to(device)})
+    return batches
+
+
+def target_module_names(preset: dict) -> list[str]:
+    """All linear layers of the transformer blocks (the suite's "all linear layers")."""
+    if preset["kind"] == "llama":
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return ["c_attn", "c_proj", "c_fc"]
