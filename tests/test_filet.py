@@ -82,3 +82,32 @@ def test_candidates_option_restricts_to_top_singular_triplets():
     for init in report.layers.values():
         assert init.scores.shape == (6,)
         assert init.selected.max() < 6
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (24, 24)])
+@pytest.mark.parametrize("driver,tol", [("svd", 1e-5), ("gram64", 1e-5), ("gram", 1e-3)])
+def test_batched_svd_drivers_reconstruct_the_weight(shape, driver, tol):
+    from fisher_kernels.methods import batched_svd
+    g = torch.Generator().manual_seed(0)
+    weights = {f"w{i}": torch.randn(*shape, generator=g) for i in range(3)}
+    reference = torch.linalg.svdvals(torch.stack(list(weights.values())).double())
+    for i, (U, S, Vh) in enumerate(batched_svd(weights, driver=driver).values()):
+        W = weights[f"w{i}"]
+        assert torch.allclose((U * S) @ Vh, W, atol=tol * 10)
+        assert torch.allclose(S.double(), reference[i], atol=tol * reference[i].max().item())
+        # fp32 Gram: a direction's error grows like eps·(σ_max/σ)², so only leading ones are checked
+        k = S.shape[0] if driver != "gram" else int((S >= 0.1 * S[0]).sum())
+        U, Vh = U[:, :k], Vh[:k]
+        assert torch.allclose(U.T @ U, torch.eye(k), atol=tol * 10) and torch.allclose(Vh @ Vh.T, torch.eye(k), atol=tol * 10)
+
+
+def test_filet_selection_does_not_depend_on_the_svd_driver():
+    model = make_model("gpt2")
+    batches = pad_batches(make_samples("gpt2", n=6), 3)
+    selections = {
+        driver: compute_initialization(model, batches, method="filet", r=R, svd_driver=driver, progress=False)
+        for driver in ("svd", "gram64", "gram")
+    }
+    for name, init in selections["svd"].layers.items():
+        for driver in ("gram64", "gram"):
+            assert sorted(selections[driver].layers[name].selected.tolist()) == sorted(init.selected.tolist()), (driver, name)

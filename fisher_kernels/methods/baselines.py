@@ -17,14 +17,23 @@ class Gaussian(InitMethod):
 
 
 class PiSSA(InitMethod):
-    """PiSSA: adapter on the top-``r`` singular triplets of W, residual base ``W − U_r S_r V_rᵀ``."""
+    """PiSSA: adapter on the top-``r`` singular triplets of W, residual base ``W − U_r S_r V_rᵀ``.
+
+    Option ``svd_driver``: ``"gram"`` (default for PiSSA: its top directions are accurate that
+    way, 2–3× faster) or ``"svd"``. MiLoRA defaults to ``"svd"``: it needs the bottom ones.
+    """
 
     name = "pissa"
     changes_base_weight = True
     largest = True
+    default_driver = "gram"
+
+    def __init__(self, r, scale, *, svd_driver: str | None = None):
+        super().__init__(r, scale)
+        self.svd_driver = svd_driver or self.default_driver
 
     def prepare(self, weights):
-        return batched_svd(weights)
+        return batched_svd(weights, driver=self.svd_driver)
 
     def initialize(self, weights, stats, prepared):
         out = {}
@@ -42,3 +51,4 @@ class MiLoRA(PiSSA):
 
     name = "milora"
     largest = False
+    default_driver = "svd"

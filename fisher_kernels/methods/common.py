@@ -36,19 +36,43 @@ def group_by_shape(tensors: dict[str, torch.Tensor]) -> list[list[str]]:
     return list(groups.values())
 
 
-def batched_svd(weights: dict[str, torch.Tensor], top: int | None = None):
+def batched_svd(weights: dict[str, torch.Tensor], top: int | None = None, driver: str = "svd"):
     """Thin SVD ``W = U diag(S) Vh`` of every weight, one batched call per shape.
+
+    ``driver="svd"``: ``torch.linalg.svd``. ``driver="gram"``: eigen-decomposition of the smaller
+    Gram matrix (``WᵀW`` or ``W Wᵀ``) in the weights' precision, then the other factor as
+    ``W V / σ``: 2–3× faster on CPU and as accurate for the leading directions, but a direction's
+    error grows like ``eps · (σ_max / σ)²``: use it where small-σ directions are not chosen.
+    ``driver="gram64"``: the same in float64, as accurate as an fp32 SVD, about 1.6× faster.
 
     Returns ``{name: (U (d_out, k), S (k,), Vh (k, d_in))}`` with singular values descending,
     keeping the first ``top`` triplets when given.
     """
+    if driver not in ("svd", "gram", "gram64"):
+        raise ValueError(f"driver must be 'svd', 'gram' or 'gram64', got {driver!r}")
     out = {}
     for names in group_by_shape(weights):
-        U, S, Vh = torch.linalg.svd(torch.stack([weights[n] for n in names]), full_matrices=False)
+        stacked = torch.stack([weights[n] for n in names])
+        if driver == "svd":
+            U, S, Vh = torch.linalg.svd(stacked, full_matrices=False)
+        else:
+            U, S, Vh = (t.to(stacked.dtype) for t in _gram_svd(stacked.double() if driver == "gram64" else stacked))
         for i, name in enumerate(names):
             k = S.shape[-1] if top is None else min(top, S.shape[-1])
             out[name] = (U[i, :, :k], S[i, :k], Vh[i, :k, :])
     return out
+
+
+def _gram_svd(W: torch.Tensor):
+    """Thin SVD of a batch (b, m, n) through the eigen-decomposition of the smaller Gram matrix."""
+    wide = W.shape[-2] < W.shape[-1]
+    M = W.mT if wide else W                          # (b, long, short)
+    eigenvalues, V = torch.linalg.eigh(M.mT @ M)     # ascending
+    eigenvalues, V = eigenvalues.flip(-1), V.flip(-1)
+    S = eigenvalues.clamp_min(0).sqrt()
+    floor = S[..., :1] * torch.finfo(W.dtype).eps
+    U = (M @ V) / torch.maximum(S, floor)[..., None, :]
+    return (V, S, U.mT) if wide else (U, S, V.mT)
 
 
 def svd_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float):

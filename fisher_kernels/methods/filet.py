@@ -40,12 +40,16 @@ class FILet(InitMethod):
             ``diag(Uᵀ G U)`` and ``diag(Vᵀ A V)`` (O(m) memory per layer); ``"full"``
             accumulates the full factors ``A`` and ``G``. Both give the same energies.
         candidates: keep only the top ``m`` singular triplets as candidates (default: all).
+        svd_driver: ``"gram64"`` (default: eigen-decomposition of the smaller Gram matrix in
+            float64, as accurate as an fp32 SVD, since FILet may choose small-σ directions),
+            ``"gram"`` (fp32, faster) or ``"svd"``; see :func:`fisher_kernels.methods.batched_svd`.
     """
 
     name = "filet"
     changes_base_weight = True
 
-    def __init__(self, r, scale, *, energy: str = "direction", route: str = "projected", candidates: int | None = None):
+    def __init__(self, r, scale, *, energy: str = "direction", route: str = "projected", candidates: int | None = None,
+                 svd_driver: str = "gram64"):
         super().__init__(r, scale)
         if energy not in ("direction", "component"):
             raise ValueError(f"energy must be 'direction' or 'component', got {energy!r}")
@@ -53,10 +57,10 @@ class FILet(InitMethod):
             raise ValueError(f"route must be 'projected' or 'full', got {route!r}")
         if candidates is not None and candidates < r:
             raise ValueError(f"candidates={candidates} must be at least r={r}")
-        self.energy, self.route, self.candidates = energy, route, candidates
+        self.energy, self.route, self.candidates, self.svd_driver = energy, route, candidates, svd_driver
 
     def prepare(self, weights):
-        return batched_svd(weights, top=self.candidates)
+        return batched_svd(weights, top=self.candidates, driver=self.svd_driver)
 
     def statistics_requests(self, weights, prepared):
         if self.route == "full":
