@@ -18,21 +18,26 @@ PRESETS = {
 
 
 def build_model(preset: dict, seed: int = 0, dtype=torch.float32, device="cpu"):
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise on the target device: much faster for large models on a GPU
+        model = _make(preset)
+    return model.to(dtype=dtype).eval()
+
+
+def _make(preset: dict):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
     if preset["kind"] == "llama":
         config = LlamaConfig(vocab_size=preset["vocab"], hidden_size=preset["hidden"],
                              intermediate_size=preset["intermediate"], num_hidden_layers=preset["layers"],
                              num_attention_heads=preset["heads"], num_key_value_heads=preset["kv_heads"],
                              max_position_embeddings=max(2048, preset["seq_len"]))
-        model = LlamaForCausalLM(config)
+        return LlamaForCausalLM(config)
     else:
         config = GPT2Config(vocab_size=preset["vocab"], n_embd=preset["hidden"], n_layer=preset["layers"],
                             n_head=preset["heads"], n_inner=preset["intermediate"],
                             n_positions=max(1024, preset["seq_len"]))
-        model = GPT2LMHeadModel(config)
-    return model.to(device=device, dtype=dtype).eval()
+        return GPT2LMHeadModel(config)
 
 
 def calibration_batches(preset: dict, seed: int = 1, device="cpu"):

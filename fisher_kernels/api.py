@@ -11,7 +11,7 @@ from torch import nn
 from .layers import layer_dims, resolve_target_modules, weight_matrix
 from .methods import METHODS, LayerInit, lora_scale
 from .peft_wiring import make_lora_config, wrap_with_lora
-from .statistics import KFACStatistics, collect_statistics
+from .statistics import KFACStatistics, StatisticsRequest, collect_statistics, model_fingerprint
 
 
 @dataclass
@@ -23,7 +23,8 @@ class InitReport:
     scale: float
     target_modules: list[str]
     timings: dict[str, float] = field(default_factory=dict)  # decomposition, statistics, initialization, peft, total
-    stats_bytes: int = 0
+    stats_bytes: int = 0                   # most statistics bytes held at once
+    stats_bytes_per_group: list[int] = field(default_factory=list)  # one entry per calibration pass
     num_batches: int = 0
     num_tokens: dict[str, int] = field(default_factory=dict)
     layers: dict[str, LayerInit] = field(default_factory=dict)
@@ -39,6 +40,41 @@ def _check_model(model) -> None:
         return
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise TypeError("model already holds LoRA layers; pass the base model, not a PeftModel")
+
+
+def plan_layer_groups(model: nn.Module, requests: dict[str, StatisticsRequest],
+                      max_stats_memory: int | None) -> list[list[str]]:
+    """Consecutive groups of layers whose requested statistics fit in ``max_stats_memory`` bytes
+    (all layers in one group when no budget is given)."""
+    if max_stats_memory is None:
+        return [list(requests)]
+    groups, current, used = [], [], 0
+    for name, request in requests.items():
+        need = request.nbytes(*layer_dims(model.get_submodule(name)))
+        if need > max_stats_memory:
+            raise ValueError(f"layer {name!r} alone needs {need} bytes of statistics, more than "
+                             f"max_stats_memory={max_stats_memory}")
+        if current and used + need > max_stats_memory:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += need
+    groups.append(current)
+    return groups
+
+
+def _check_statistics(model, statistics: KFACStatistics, requests, init_method) -> None:
+    names = list(requests)
+    missing_layers = [n for n in names if n not in statistics.layers]
+    if missing_layers:
+        raise ValueError(f"the statistics hold no entry for layers {missing_layers[:5]}")
+    if statistics.fingerprint is not None and statistics.fingerprint != model_fingerprint(model, list(statistics.layers)):
+        raise ValueError("the statistics were collected on a different model (other architecture, weights or layer set)")
+    for name, request in requests.items():
+        lacking = init_method.missing_statistics(request, statistics[name])
+        if lacking:
+            raise ValueError(f"method {init_method.name!r} needs {lacking} for layer {name!r}, which the given "
+                             "statistics do not hold; collect them with full_statistics_requests(...)")
 
 
 def compute_initialization(
@@ -57,13 +93,16 @@ def compute_initialization(
     progress: bool = True,
     seed: int = 0,
     statistics: KFACStatistics | None = None,
+    max_stats_memory: int | None = None,
     **method_options,
 ) -> InitReport:
     """Compute every target layer's ``LayerInit`` without touching the model.
 
     Same arguments as :func:`init_lora` (``scale`` is PEFT's ``lora_alpha / r``). The
     returned report's ``layers`` maps layer names to ``LayerInit(lora_A, lora_B, base_weight)``.
-    ``statistics`` reuses a :class:`KFACStatistics` from an earlier pass instead of a new one.
+    ``statistics`` reuses a :class:`KFACStatistics` from an earlier pass (or a cache file)
+    instead of a new one. ``max_stats_memory`` (bytes) splits the target layers into groups
+    whose statistics fit, one calibration pass per group; results are identical to one pass.
     """
     _check_model(model)
     if method not in METHODS:
@@ -89,31 +128,45 @@ def compute_initialization(
     report.timings["decomposition"] = time.perf_counter() - start
 
     requests = init_method.statistics_requests(weights, prepared)
-    stats = statistics
-    t = time.perf_counter()
-    if requests and stats is None:
-        if loader is None:
-            raise ValueError(f"method {method!r} needs calibration data: pass a loader")
-        stats = collect_statistics(model, loader, requests, loss_fn=loss_fn, token_mask=token_mask, fisher=fisher,
-                                   num_batches=num_batches, backend=backend, progress=progress, seed=seed)
-    if stats is not None:
-        missing = [n for n in requests if n not in stats.layers]
-        if missing:
-            raise ValueError(f"the statistics hold no entry for layers {missing}")
-        report.stats_bytes = stats.nbytes()
-        report.num_batches = stats.num_batches
-        report.num_tokens = {n: stats[n].num_tokens for n in requests}
-    report.timings["statistics"] = time.perf_counter() - t
+    report.timings["statistics"] = report.timings["initialization"] = 0.0
+    if not requests:
+        t = time.perf_counter()
+        with torch.no_grad():
+            inits = init_method.initialize(weights, None, prepared)
+        report.timings["initialization"] = time.perf_counter() - t
+    else:
+        if statistics is not None:
+            _check_statistics(model, statistics, requests, init_method)
+            groups = [list(requests)]
+        else:
+            if loader is None:
+                raise ValueError(f"method {method!r} needs calibration data: pass a loader")
+            groups = plan_layer_groups(model, requests, max_stats_memory)
+            if len(groups) > 1 and iter(loader) is loader:
+                raise ValueError(f"max_stats_memory={max_stats_memory} needs {len(groups)} passes over the data, "
+                                 "so the loader must be re-iterable (a DataLoader or a list, not a generator)")
+        inits = {}
+        for group in groups:
+            t = time.perf_counter()
+            stats = statistics if statistics is not None else collect_statistics(
+                model, loader, {n: requests[n] for n in group}, loss_fn=loss_fn, token_mask=token_mask,
+                fisher=fisher, num_batches=num_batches, backend=backend, progress=progress, seed=seed)
+            report.timings["statistics"] += time.perf_counter() - t
+            report.stats_bytes_per_group.append(stats.nbytes())
+            report.num_batches = stats.num_batches
+            report.num_tokens.update({n: stats[n].num_tokens for n in group})
+            t = time.perf_counter()
+            with torch.no_grad():
+                inits.update(init_method.initialize({n: weights[n] for n in group}, stats, prepared))
+            report.timings["initialization"] += time.perf_counter() - t
+            del stats
+        report.stats_bytes = max(report.stats_bytes_per_group)
 
-    t = time.perf_counter()
-    with torch.no_grad():
-        inits = init_method.initialize(weights, stats, prepared)
     for name, init in inits.items():
         for key in ("lora_A", "lora_B", "base_weight"):
             value = getattr(init, key)
             if value is not None and not torch.isfinite(value).all():
                 raise ValueError(f"layer {name!r}: the computed {key} is not finite")
-    report.timings["initialization"] = time.perf_counter() - t
     report.timings["total"] = time.perf_counter() - start
     report.layers = inits
     report.original_weights = weights
@@ -137,6 +190,7 @@ def init_lora(
     fisher: str = "empirical",
     seed: int = 0,
     statistics: KFACStatistics | None = None,
+    max_stats_memory: int | None = None,
     **method_options,
 ):
     """Initialise LoRA adapters from calibration data and return a ready-to-train ``PeftModel``.
@@ -162,7 +216,10 @@ def init_lora(
         progress: show a tqdm bar over calibration batches.
         token_mask: ``"attention"`` or ``"labels"`` (only positions that enter the loss).
         fisher: ``"empirical"`` or ``"true"`` (labels sampled from the model, seeded by ``seed``).
-        statistics: reuse statistics from :func:`collect_statistics` instead of a new pass.
+        statistics: reuse statistics from :func:`collect_statistics` or
+            :meth:`KFACStatistics.load` instead of a new pass (checked against the model).
+        max_stats_memory: bytes of statistics to hold at once; layers are then processed in
+            groups, one calibration pass each (the loader must be re-iterable).
         **method_options: passed to the method, e.g. ``energy="component"``, ``route="full"``,
             ``candidates=64`` for FILet; ``variance_strength``, ``population_size``,
             ``stable_gamma``, ``damping``, ``solver`` for LoRA-DA.
@@ -205,7 +262,7 @@ def init_lora(
     report = compute_initialization(
         model, loader, method=method, r=r, scale=scale, target_modules=names, num_batches=num_batches,
         loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend, progress=progress, seed=seed,
-        statistics=statistics, **method_options,
+        statistics=statistics, max_stats_memory=max_stats_memory, **method_options,
     )
     config = make_lora_config(report.target_modules, r, lora_alpha, lora_config, fan_in_fan_out=bool(conv1d))
     t = time.perf_counter()

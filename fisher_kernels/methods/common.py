@@ -108,5 +108,9 @@ class InitMethod:
     def statistics_requests(self, weights, prepared) -> dict[str, StatisticsRequest]:
         return {}
 
+    def missing_statistics(self, request: StatisticsRequest, layer) -> list[str]:
+        """What ``layer`` (a LayerStatistics, e.g. from a cache) lacks for ``request``."""
+        return request.missing_in(layer)
+
     def initialize(self, weights, stats: KFACStatistics | None, prepared) -> dict[str, LayerInit]:
         raise NotImplementedError

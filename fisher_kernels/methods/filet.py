@@ -70,14 +70,20 @@ class FILet(InitMethod):
             for name, (U, S, Vh) in prepared.items()
         }
 
+    def missing_statistics(self, request, layer):
+        """Full factors serve the projected route too (e.g. statistics from a cache)."""
+        if layer.input_factor is not None and layer.output_factor is not None:
+            return []
+        return request.missing_in(layer)
+
     def energies(self, name, stats, prepared) -> torch.Tensor:
         """Fisher energy of every candidate of layer ``name``, per the ``energy`` option."""
         U, S, Vh = prepared[name]
         layer = stats[name]
-        if self.route == "full":
-            energy = fisher_energy(U, Vh, layer.output_factor.to(U.device), layer.input_factor.to(U.device))
-        else:
+        if layer.input_projected_energy is not None and layer.output_projected_energy is not None:
             energy = (layer.output_projected_energy * layer.input_projected_energy).to(U.device)
+        else:
+            energy = fisher_energy(U, Vh, layer.output_factor.to(U.device), layer.input_factor.to(U.device))
         return energy * S.square() if self.energy == "component" else energy
 
     def initialize(self, weights, stats, prepared):

@@ -1,6 +1,8 @@
-"""K-FAC statistics: what methods request, the calibration pass that collects it."""
+"""K-FAC statistics: what methods request, the calibration pass that collects it, the cache."""
 
-from .collector import collect_statistics
-from .containers import KFACStatistics, LayerStatistics, StatisticsRequest
+from .cache import load_statistics, save_statistics
+from .collector import collect_statistics, full_statistics_requests
+from .containers import KFACStatistics, LayerStatistics, StatisticsRequest, model_fingerprint
 
-__all__ = ["collect_statistics", "KFACStatistics", "LayerStatistics", "StatisticsRequest"]
+__all__ = ["collect_statistics", "full_statistics_requests", "load_statistics", "save_statistics",
+           "model_fingerprint", "KFACStatistics", "LayerStatistics", "StatisticsRequest"]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..layers import layer_dims
 from ..ops import get_ops
 from .batches import is_causal_lm, prepare_batch, sampled_label_loss, summed_model_loss
-from .containers import KFACStatistics, LayerStatistics, StatisticsRequest
+from .containers import KFACStatistics, LayerStatistics, StatisticsRequest, model_fingerprint
 from .model_state import PreservedModelState
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,32 @@ class _StatisticsHooks:
 
         return hook
 
+    def _distinct_accumulators(self) -> list[torch.Tensor]:
+        seen, tensors = set(), []
+        for layer in self.layers.values():
+            for t in (layer.input_factor, layer.output_factor, layer.output_factor_diag, layer.gradient,
+                      layer.input_projected_energy, layer.output_projected_energy):
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    tensors.append(t)
+        return tensors
+
+    def all_reduce(self, counters: list[int]) -> list[int]:
+        """Sum every accumulator, every layer's token count and ``counters`` over the ranks of
+        the default ``torch.distributed`` group (once, at the end of the pass)."""
+        import torch.distributed as dist
+
+        for t in self._distinct_accumulators():
+            dist.all_reduce(t)
+        device = next(iter(self._distinct_accumulators()), torch.zeros(0)).device
+        counts = torch.tensor([layer.num_tokens for layer in self.layers.values()] + counters,
+                              dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        counts = [int(c) for c in counts.tolist()]
+        for layer, count in zip(self.layers.values(), counts):
+            layer.num_tokens = count
+        return counts[len(self.layers):]
+
     def finalize(self) -> dict[str, LayerStatistics]:
         out, normalised, symmetrised = {}, {}, set()
         for name, layer in self.layers.items():
@@ -197,6 +223,10 @@ def collect_statistics(
         num_batches: stop after this many batches.
         backend: statistics backend, see :func:`fisher_kernels.backends`.
 
+    Under ``torch.distributed`` (each rank iterating its own shard of the data), the sums and
+    token counts are all-reduced once at the end, so every rank returns the statistics of the
+    union of the data, as one process over all of it would.
+
     The model is run in eval mode (dropout off) and is left exactly as found: hooks removed,
     ``requires_grad``, ``.grad`` and train/eval mode of every module restored, also when the
     pass raises. Errors name the batch that caused them.
@@ -250,10 +280,19 @@ def collect_statistics(
             stats.num_batches += 1
             stats.num_sequences += prepared.num_sequences
         bar.close()
+        if _distributed():
+            stats.num_batches, stats.num_sequences = hooks.all_reduce([stats.num_batches, stats.num_sequences])
         if stats.num_batches == 0:
             raise ValueError("the calibration loader yielded no batch")
         stats.layers = hooks.finalize()
+    stats.fingerprint = model_fingerprint(model, list(stats.layers))
     return stats
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 _END = object()
@@ -293,3 +332,13 @@ def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check) -> 
                 f"own loss ({model_loss.item():.6g}); pass loss_fn=(outputs, targets) -> summed loss"
             )
     return loss
+
+
+def full_statistics_requests(model: nn.Module, target_modules=None) -> dict[str, StatisticsRequest]:
+    """Everything any method can consume, for every target layer: full factors A and G,
+    diag(G) and the mean gradient. Statistics collected with these can be cached and reused for
+    any method and rank (memory: d_in² + d_out² + d_out·d_in floats per layer)."""
+    from ..layers import resolve_target_modules
+
+    return {name: StatisticsRequest(input_factor=True, output_factor=True, output_factor_diag=True, gradient=True)
+            for name in resolve_target_modules(model, target_modules)}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -29,6 +31,22 @@ class StatisticsRequest:
     @property
     def is_empty(self) -> bool:
         return not (self.input_factor or self.input_basis is not None or self.needs_output_gradient)
+
+    def nbytes(self, d_out: int, d_in: int) -> int:
+        """fp32 bytes the collector holds for this request (shared input factors not deducted)."""
+        floats = (d_in * d_in * self.input_factor + d_out * d_out * self.output_factor
+                  + d_out * self.output_factor_diag + d_out * d_in * self.gradient)
+        floats += 0 if self.input_basis is None else self.input_basis.shape[1]
+        floats += 0 if self.output_basis is None else self.output_basis.shape[1]
+        return 4 * floats
+
+    def missing_in(self, layer: "LayerStatistics") -> list[str]:
+        """Names of requested statistics that ``layer`` does not hold."""
+        wanted = {"input_factor": self.input_factor, "output_factor": self.output_factor,
+                  "output_factor_diag": self.output_factor_diag, "gradient": self.gradient,
+                  "input_projected_energy": self.input_basis is not None,
+                  "output_projected_energy": self.output_basis is not None}
+        return [key for key, needed in wanted.items() if needed and getattr(layer, key) is None]
 
 
 @dataclass
@@ -63,6 +81,20 @@ class KFACStatistics:
     num_sequences: int = 0
     fisher: str = "empirical"
     token_mask: str = "attention"
+    fingerprint: str | None = None  # of the model's target layers, see model_fingerprint
+
+    def save(self, path) -> None:
+        """Write to a safetensors file (see :mod:`fisher_kernels.statistics.cache`)."""
+        from .cache import save_statistics
+
+        save_statistics(self, path)
+
+    @classmethod
+    def load(cls, path, model: nn.Module | None = None, device=None) -> "KFACStatistics":
+        """Read a safetensors file; with ``model``, refuse statistics of another model or layer set."""
+        from .cache import load_statistics
+
+        return load_statistics(path, model=model, device=device)
 
     def __getitem__(self, name: str) -> LayerStatistics:
         return self.layers[name]
@@ -76,3 +108,20 @@ class KFACStatistics:
                     seen.add(id(t))
                     total += t.numel() * t.element_size()
         return total
+
+
+def model_fingerprint(model: nn.Module, layer_names: list[str]) -> str:
+    """Identifies a model's target layers: class, layer names, shapes and a sample of each weight.
+
+    Statistics belong to one model; a fingerprint mismatch means another architecture, another
+    layer set or other weights. The weight sample is 1024 evenly spaced entries per layer, so
+    the fingerprint costs almost nothing even for large models.
+    """
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name in layer_names:
+        weight = model.get_submodule(name).weight.detach()
+        flat = weight.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu()
+        digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
