@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .conversion import snapshot_adapter
 from .layers import layer_dims, resolve_target_modules, weight_matrix
 from .methods import METHODS, LayerInit, lora_scale
 from .peft_wiring import make_lora_config, wrap_with_lora
@@ -29,6 +30,7 @@ class InitReport:
     num_tokens: dict[str, int] = field(default_factory=dict)
     layers: dict[str, LayerInit] = field(default_factory=dict)
     original_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # fp32 W before init
+    initial_adapter: dict = field(default_factory=dict, repr=False)  # {layer: (lora_A0, lora_B0)}, residual methods
 
 
 def _check_model(model) -> None:
@@ -268,6 +270,8 @@ def init_lora(
     t = time.perf_counter()
     peft_model = wrap_with_lora(model, report.layers, config, scale, report.original_weights)
     report.original_weights = {}  # only needed to undo a failed wiring
+    if METHODS[method].changes_base_weight and method != "kasa":
+        report.initial_adapter = snapshot_adapter(peft_model)  # for save_as_plain_lora
     report.timings["peft"] = time.perf_counter() - t
     report.timings["total"] += report.timings["peft"]
     peft_model.fisher_kernels_report = report

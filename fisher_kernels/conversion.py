@@ -1,0 +1,74 @@
+"""Turning an adapter trained on a residual base into a plain LoRA adapter for the original model.
+
+Methods that change the base weight store ``W' = W − s·B₀A₀`` (FILet, LoRA-DA, PiSSA, MiLoRA,
+LoRA-GA). After training to ``(B, A)`` the model computes ``W' + s·B A = W + s·(B A − B₀A₀)``,
+which is the rank-2r LoRA adapter
+
+    B_plain = [B, B₀]  (d_out, 2r),    A_plain = [A; −A₀]  (2r, d_in)
+
+on the *original* weights (the PiSSA/CorDA conversion in PEFT). ``lora_alpha`` is adjusted so the
+scale ``s`` stays the same at rank 2r.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import torch
+
+
+def snapshot_adapter(peft_model, adapter: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """CPU copies of every LoRA layer's ``(lora_A, lora_B)`` of ``adapter``, keyed by layer name."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    return {
+        name: (module.lora_A[adapter].weight.detach().cpu().clone(), module.lora_B[adapter].weight.detach().cpu().clone())
+        for name, module in base.named_modules()
+        if isinstance(module, LoraLayer) and adapter in module.lora_A
+    }
+
+
+def save_as_plain_lora(peft_model, output_dir, initial_adapter=None, adapter: str = "default") -> None:
+    """Save the trained ``peft_model`` as a plain LoRA adapter (rank 2r) for the original model.
+
+    ``initial_adapter``: ``{layer: (lora_A₀, lora_B₀)}`` as initialised; by default the snapshot
+    ``init_lora`` kept in ``peft_model.fisher_kernels_report.initial_adapter``. Load the result
+    with ``PeftModel.from_pretrained(original_model, output_dir)``.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if initial_adapter is None:
+        report = getattr(peft_model, "fisher_kernels_report", None)
+        initial_adapter = getattr(report, "initial_adapter", None)
+        if not initial_adapter:
+            raise ValueError("no initial adapter: pass initial_adapter=..., or use a model from init_lora with a "
+                             "method that changes the base weight")
+    config = copy.deepcopy(peft_model.peft_config[adapter])
+    if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
+        raise ValueError("rank_pattern / alpha_pattern adapters are not supported by this conversion")
+    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter)
+    converted = {}
+    for key, value in state.items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            converted[key] = value.detach().cpu().contiguous()
+            continue
+        layer = key.split(".lora_")[0].removeprefix("base_model.model.")
+        if layer not in initial_adapter:
+            raise ValueError(f"the initial adapter has no entry for layer {layer!r}")
+        A0, B0 = initial_adapter[layer]
+        value = value.detach().cpu()
+        if ".lora_A." in key:
+            converted[key] = torch.cat([value, -A0.to(value.dtype)], dim=0).contiguous()
+        else:
+            converted[key] = torch.cat([value, B0.to(value.dtype)], dim=1).contiguous()
+    config.r = 2 * config.r
+    config.lora_alpha = scale * (math.sqrt(config.r) if config.use_rslora else config.r)
+    config.init_lora_weights = True
+    os.makedirs(output_dir, exist_ok=True)
+    config.save_pretrained(str(output_dir))
+    save_file(converted, os.path.join(str(output_dir), "adapter_model.safetensors"))

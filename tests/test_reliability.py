@@ -1,0 +1,106 @@
+"""Memory budget, statistics cache, conversion to a plain LoRA adapter."""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fisher_kernels import (KFACStatistics, collect_statistics, compute_initialization, full_statistics_requests,
+                            init_lora, save_as_plain_lora)
+from tiny_models import make_model, make_samples, pad_batches
+
+
+def batches(kind="llama", n=6, bs=3):
+    return pad_batches(make_samples(kind, n=n), bs)
+
+
+@pytest.mark.parametrize("method,options", [("lora_da", {}), ("filet", {"route": "full"}), ("filet", {})])
+def test_memory_budget_splits_layers_into_groups_with_identical_results(method, options):
+    model = make_model("llama")
+    data = batches()
+    single = compute_initialization(model, data, method=method, r=3, progress=False, **options)
+    budget = max(single.stats_bytes // 4, 1)
+    grouped = compute_initialization(model, data, method=method, r=3, progress=False, max_stats_memory=budget, **options)
+    assert len(grouped.stats_bytes_per_group) >= 3
+    assert max(grouped.stats_bytes_per_group) <= budget
+    for name, init in single.layers.items():
+        other = grouped.layers[name]
+        product, other_product = init.lora_B @ init.lora_A, other.lora_B @ other.lora_A
+        assert torch.allclose(product, other_product, rtol=1e-4, atol=1e-6 * product.abs().max().item()), name
+        assert torch.allclose(init.base_weight, other.base_weight, atol=1e-6), name
+
+
+def test_memory_budget_needs_a_reiterable_loader_and_a_feasible_budget():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="re-iterable"):
+        compute_initialization(model, iter(batches()), method="lora_da", r=2, max_stats_memory=20_000, progress=False)
+    with pytest.raises(ValueError, match="alone needs"):
+        compute_initialization(model, batches(), method="lora_da", r=2, max_stats_memory=100, progress=False)
+
+
+def test_statistics_cache_round_trip_serves_other_methods_and_ranks(tmp_path):
+    model = make_model("llama")
+    data = batches()
+    stats = collect_statistics(model, data, full_statistics_requests(model), progress=False)
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    loaded = KFACStatistics.load(path, model=model)
+    assert loaded.num_batches == stats.num_batches and loaded.fingerprint == stats.fingerprint
+    for name, layer in stats.layers.items():
+        for key, t in layer.tensors().items():
+            assert torch.equal(getattr(loaded[name], key), t), (name, key)
+    q, k = loaded["model.layers.0.self_attn.q_proj"], loaded["model.layers.0.self_attn.k_proj"]
+    assert k.input_factor is q.input_factor  # sharing survives the round trip
+    for method, r in (("lora_da", 2), ("filet", 4), ("lora_ga", 3)):  # no new pass, any method and rank
+        fresh = compute_initialization(model, data, method=method, r=r, progress=False)
+        cached = compute_initialization(model, None, method=method, r=r, statistics=loaded, progress=False)
+        for name, init in fresh.layers.items():
+            other = cached.layers[name]
+            a, b = init.lora_B @ init.lora_A, other.lora_B @ other.lora_A
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * a.abs().max().item() + 1e-9), (method, name)
+
+
+def test_statistics_of_another_model_are_refused(tmp_path):
+    model = make_model("llama")
+    stats = collect_statistics(model, batches(), full_statistics_requests(model), progress=False)
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    other = make_model("llama", seed=1)  # same architecture, other weights
+    with pytest.raises(ValueError, match="different model"):
+        KFACStatistics.load(path, model=other)
+    with pytest.raises(ValueError, match="different model"):
+        compute_initialization(other, None, method="lora_da", r=2, statistics=stats, progress=False)
+    with pytest.raises(ValueError, match="does not have"):
+        KFACStatistics.load(path, model=make_model("gpt2"))
+    projected = collect_statistics(model, batches(), {"model.layers.0.mlp.up_proj": full_statistics_requests(model)[
+        "model.layers.0.mlp.up_proj"]}, progress=False)
+    with pytest.raises(ValueError, match="no entry for layers"):
+        compute_initialization(model, None, method="lora_da", r=2, statistics=projected, progress=False)
+
+
+@pytest.mark.parametrize("method", ["filet", "lora_da", "pissa", "lora_ga"])
+def test_trained_adapter_converts_to_a_plain_lora_for_the_original_model(tmp_path, method):
+    original = make_model("llama")
+    data = batches(n=4, bs=4)
+    peft_model = init_lora(copy.deepcopy(original), data, method=method, r=3, lora_alpha=6, progress=False)
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):  # train a little, so the adapter differs from its initial value
+        optimizer.zero_grad()
+        peft_model(**data[0]).loss.backward()
+        optimizer.step()
+    inputs = {k: v for k, v in data[0].items() if k != "labels"}
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits
+    save_as_plain_lora(peft_model, tmp_path / "plain")
+    plain = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "plain")
+    with torch.no_grad():
+        got = plain(**inputs).logits
+    assert plain.peft_config["default"].r == 6
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_conversion_needs_the_initial_adapter(tmp_path):
+    peft_model = init_lora(make_model("llama"), None, method="gaussian", r=2, progress=False)
+    with pytest.raises(ValueError, match="no initial adapter"):
+        save_as_plain_lora(peft_model, tmp_path / "plain")
