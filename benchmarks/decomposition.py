@@ -57,7 +57,7 @@ def main(argv=None):
         reference_filet[n] = set(select_by_energy(fisher_energy(U, Vh, stats[n].output_factor, stats[n].input_factor), r).tolist())
     print(f"\nPreset `{args.preset}`: {len(names)} target layers, r = {r}; per-layer torch.linalg.svd loop "
           f"{loop_seconds:.2f} s\n")
-    print("| driver | seconds | speed-up vs per-layer SVD loop | layers with the same PiSSA top-r | "
+    print("| driver | seconds | speed-up vs per-layer SVD loop | PiSSA top-r subspace within 1e-3 | "
           "layers with the same FILet top-r | FILet picks with σ < 0.1·σ_max |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for driver in DRIVERS:

@@ -35,3 +35,15 @@ def test_kernel_benchmark_runs_on_the_reference_backend():
     rows = kernels.main(["--d", "64", "--tokens", "256", "--basis", "16", "--dtype", "float32",
                          "--backends", "torch", "--repeats", "1"])
     assert {r["op"] for r in rows} == {"masked_syrk_", "masked_column_sumsq_", "masked_projected_energy_", "masked_outer_"}
+
+
+def test_quality_benchmark_quick_mode_runs_every_method(tmp_path):
+    from benchmarks import quality
+
+    runs, rows = quality.main(["--quick", "--out", str(tmp_path)])
+    assert list(rows) == quality.METHODS
+    for run in runs:
+        assert set(run["curve"]) == {0, 2, 4}
+        for point in run["curve"].values():
+            assert point["loss"] > 0 and 0 <= point["accuracy"] <= 1
+    assert (tmp_path / "quality.png").stat().st_size > 0 and (tmp_path / "quality.md").exists()

