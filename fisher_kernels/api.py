@@ -17,7 +17,11 @@ from .statistics import KFACStatistics, StatisticsRequest, collect_statistics, m
 
 @dataclass
 class InitReport:
-    """What an initialisation did and how long each stage took (seconds)."""
+    """What an initialisation did and how long each stage took (seconds).
+
+    ``layers`` maps layer names to their ``LayerInit``; after :func:`init_lora` it keeps the
+    factors, selected directions and scores, while the new base weights live in the model only.
+    """
 
     method: str
     r: int
@@ -270,6 +274,8 @@ def init_lora(
     t = time.perf_counter()
     peft_model = wrap_with_lora(model, report.layers, config, scale, report.original_weights)
     report.original_weights = {}  # only needed to undo a failed wiring
+    for init in report.layers.values():  # the residual base weights now live in the model: free the copies
+        init.base_weight = None
     if METHODS[method].changes_base_weight and method != "kasa":
         report.initial_adapter = snapshot_adapter(peft_model)  # for save_as_plain_lora
     report.timings["peft"] = time.perf_counter() - t
