@@ -139,9 +139,10 @@ class _StatisticsHooks:
         the default ``torch.distributed`` group (once, at the end of the pass)."""
         import torch.distributed as dist
 
-        for t in self._distinct_accumulators():
+        accumulators = self._distinct_accumulators()
+        for t in accumulators:
             dist.all_reduce(t)
-        device = next(iter(self._distinct_accumulators()), torch.zeros(0)).device
+        device = accumulators[0].device if accumulators else torch.device("cpu")
         counts = torch.tensor([layer.num_tokens for layer in self.layers.values()] + counters,
                               dtype=torch.float64, device=device)
         dist.all_reduce(counts)
