@@ -86,3 +86,13 @@ def test_weight_only_methods_need_no_loader():
     model = make_model("llama")
     peft_model = init_lora(model, method="milora", r=2, progress=False)
     assert peft_model.fisher_kernels_report.stats_bytes == 0
+
+
+def test_gradient_checkpointing_is_refused_before_the_pass(model_snapshot):
+    snapshot, assert_same = model_snapshot
+    model = make_model("llama")
+    model.gradient_checkpointing_enable()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        init_lora(model, batches(), r=2, progress=False)
+    assert_same(before, snapshot(model))

@@ -240,6 +240,9 @@ def collect_statistics(
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        raise ValueError("gradient checkpointing is on: its recomputed forward passes would be counted twice; "
+                         "call model.gradient_checkpointing_disable() for the calibration pass")
     requests = {name: req for name, req in requests.items() if not req.is_empty}
     device = _model_device(model)
     ops = get_ops(backend, device)
