@@ -37,6 +37,11 @@ class InitReport:
     initial_adapter: dict = field(default_factory=dict, repr=False)  # {layer: (lora_A0, lora_B0)}, residual methods
 
 
+def _check_rank(r) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+
+
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -113,8 +118,7 @@ def compute_initialization(
     _check_model(model)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+    _check_rank(r)
     names = resolve_target_modules(model, target_modules)
     for name in names:
         d_out, d_in = layer_dims(model.get_submodule(name))
@@ -207,7 +211,8 @@ def init_lora(
         loader: iterable of calibration batches: dicts of tensors with ``labels`` (as
             ``transformers`` models take them), or ``(inputs, targets)`` pairs with ``loss_fn``.
             Not needed by the weight-only methods (``gaussian``, ``pissa``, ``milora``).
-        method: ``"filet"`` (default), ``"lora_da"``, ``"pissa"``, ``"milora"`` or ``"gaussian"``.
+        method: ``"filet"`` (default), ``"lora_da"``, ``"lora_ga"``, ``"pissa"``, ``"milora"``,
+            ``"kasa"`` or ``"gaussian"``.
         r: LoRA rank (default 16, or ``lora_config.r``).
         lora_alpha: LoRA alpha (default ``r``, so the scale ``s = lora_alpha / r`` is 1).
         target_modules: PEFT-style selector; default every ``nn.Linear`` / ``Conv1D`` except
@@ -232,10 +237,11 @@ def init_lora(
 
     Returns:
         ``peft.PeftModel`` whose outputs at step 0 equal the original model's (except for
-        floating-point rounding of the residual base weight in bf16/fp16). Methods that change
-        the base weight (``filet``, ``lora_da``, ``pissa``, ``milora``) store ``W' = W − s·B A``
-        in the base layers; save with :func:`fisher_kernels.save_residual_model`, or convert to
-        a plain LoRA adapter for the original model with PEFT's PiSSA conversion path.
+        floating-point rounding of the residual base weight in bf16/fp16; KaSA changes it by
+        design). ``filet``, ``lora_da``, ``lora_ga``, ``pissa`` and ``milora`` store
+        ``W' = W − s·B A`` in the base layers, ``kasa`` its truncation of W; save with
+        :func:`fisher_kernels.save_residual_model`, or, after training, convert to a plain LoRA
+        adapter for the original model with :func:`fisher_kernels.save_as_plain_lora` (not KaSA).
         The report of what was done is at ``peft_model.fisher_kernels_report``.
     """
     from peft import LoraConfig
@@ -251,8 +257,7 @@ def init_lora(
         if target_modules is None:
             target_modules = lora_config.target_modules
     r = 16 if r is None else r
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+    _check_rank(r)
     lora_alpha = r if lora_alpha is None else lora_alpha
     if not lora_alpha > 0:
         raise ValueError(f"lora_alpha must be positive, got {lora_alpha!r}")
@@ -276,7 +281,7 @@ def init_lora(
     report.original_weights = {}  # only needed to undo a failed wiring
     for init in report.layers.values():  # the residual base weights now live in the model: free the copies
         init.base_weight = None
-    if METHODS[method].changes_base_weight and method != "kasa":
+    if METHODS[method].residual_base:
         report.initial_adapter = snapshot_adapter(peft_model)  # for save_as_plain_lora
     report.timings["peft"] = time.perf_counter() - t
     report.timings["total"] += report.timings["peft"]

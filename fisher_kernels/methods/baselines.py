@@ -24,7 +24,7 @@ class PiSSA(InitMethod):
     """
 
     name = "pissa"
-    changes_base_weight = True
+    residual_base = True
     largest = True
     default_driver = "gram"
 

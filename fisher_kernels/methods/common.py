@@ -91,7 +91,7 @@ class InitMethod:
     """
 
     name: str = ""
-    changes_base_weight: bool = False
+    residual_base: bool = False  # base becomes W − s·B₀A₀, so a trained adapter converts to plain LoRA
 
     def __init__(self, r: int, scale: float):
         self.r, self.scale = r, scale

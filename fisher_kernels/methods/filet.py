@@ -46,7 +46,7 @@ class FILet(InitMethod):
     """
 
     name = "filet"
-    changes_base_weight = True
+    residual_base = True
 
     def __init__(self, r, scale, *, energy: str = "direction", route: str = "projected", candidates: int | None = None,
                  svd_driver: str = "gram64"):

@@ -23,7 +23,7 @@ class KaSA(InitMethod):
     """KaSA initialisation. Option: ``seed`` for ``d`` and the Kaiming draw of A."""
 
     name = "kasa"
-    changes_base_weight = True
+    residual_base = False  # the base changes too, by truncation, not by W − s·B₀A₀
 
     def __init__(self, r, scale, *, seed: int = 0):
         super().__init__(r, scale)

@@ -60,7 +60,7 @@ class LoraDA(InitMethod):
     """
 
     name = "lora_da"
-    changes_base_weight = True
+    residual_base = True
 
     def __init__(self, r, scale, *, bias_strength: float = 1.0, variance_strength: float = 0.03,
                  damping: float = 1e-6, stable_gamma: float = 1024.0, population_size: int | None = None,

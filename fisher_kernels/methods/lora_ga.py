@@ -31,7 +31,7 @@ class LoraGA(InitMethod):
     """LoRA-GA initialisation. Options: ``stable_gamma`` γ (16), ``niter`` (4), ``seed`` (0)."""
 
     name = "lora_ga"
-    changes_base_weight = True
+    residual_base = True
 
     def __init__(self, r, scale, *, stable_gamma: float = 16.0, niter: int = 4, seed: int = 0):
         super().__init__(r, scale)
