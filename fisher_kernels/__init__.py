@@ -7,6 +7,7 @@ data's curvature says matter most, and returns a ready-to-train ``peft.PeftModel
 from .api import InitReport, compute_initialization, init_lora, plan_layer_groups
 from .conversion import save_as_plain_lora, snapshot_adapter
 from .layers import resolve_target_modules
+from .memory import MemoryEstimate, estimate_memory
 from .methods import METHODS
 from .ops import backends
 from .peft_wiring import save_residual_model
@@ -16,7 +17,7 @@ from .statistics import (KFACStatistics, LayerStatistics, StatisticsRequest, col
 __version__ = "0.1.0"
 
 __all__ = [
-    "init_lora", "compute_initialization", "collect_statistics", "full_statistics_requests", "load_statistics",
+    "init_lora", "compute_initialization", "estimate_memory", "MemoryEstimate", "collect_statistics", "full_statistics_requests", "load_statistics",
     "save_statistics", "save_as_plain_lora", "snapshot_adapter", "plan_layer_groups", "backends", "save_residual_model",
     "resolve_target_modules", "InitReport", "KFACStatistics", "LayerStatistics", "StatisticsRequest", "METHODS",
     "__version__",

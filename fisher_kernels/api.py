@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ from torch import nn
 from .conversion import snapshot_adapter
 from .layers import layer_dims, resolve_target_modules, weight_matrix
 from .methods import METHODS, LayerInit, lora_scale
-from .peft_wiring import make_lora_config, wrap_with_lora
+from .peft_wiring import apply_base_updates, make_lora_config, wrap_with_lora
 from .statistics import KFACStatistics, StatisticsRequest, collect_statistics, model_fingerprint
 
 
@@ -19,8 +20,9 @@ from .statistics import KFACStatistics, StatisticsRequest, collect_statistics, m
 class InitReport:
     """What an initialisation did and how long each stage took (seconds).
 
-    ``layers`` maps layer names to their ``LayerInit``; after :func:`init_lora` it keeps the
-    factors, selected directions and scores, while the new base weights live in the model only.
+    ``layers`` maps layer names to their ``LayerInit``: the factors, the low-rank base update
+    ``(P, Q)`` with ``W' = W − P Q``, the selected directions and their scores. It holds no
+    full-size tensor.
     """
 
     method: str
@@ -30,16 +32,19 @@ class InitReport:
     timings: dict[str, float] = field(default_factory=dict)  # decomposition, statistics, initialization, peft, total
     stats_bytes: int = 0                   # most statistics bytes held at once
     stats_bytes_per_group: list[int] = field(default_factory=list)  # one entry per calibration pass
+    residual_base: bool = False            # the base weights became W − s·B₀A₀ (plain-LoRA conversion possible)
+    prepared_bytes: int = 0                # most bytes of per-layer bases (FILet's singular vectors) held at once
+    memory_plan: str = ""                  # how the layers were split into calibration passes, and why
     num_batches: int = 0
     num_tokens: dict[str, int] = field(default_factory=dict)
     layers: dict[str, LayerInit] = field(default_factory=dict)
-    original_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # fp32 W before init
     initial_adapter: dict = field(default_factory=dict, repr=False)  # {layer: (lora_A0, lora_B0)}, residual methods
 
 
-def _check_rank(r) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+def _check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
         raise ValueError(f"r must be a positive integer, got {r!r}")
+    return int(r)
 
 
 def _check_model(model) -> None:
@@ -53,15 +58,14 @@ def _check_model(model) -> None:
         raise TypeError("model already holds LoRA layers; pass the base model, not a PeftModel")
 
 
-def plan_layer_groups(model: nn.Module, requests: dict[str, StatisticsRequest],
-                      max_stats_memory: int | None) -> list[list[str]]:
-    """Consecutive groups of layers whose requested statistics fit in ``max_stats_memory`` bytes
-    (all layers in one group when no budget is given)."""
+def plan_layer_groups(model: nn.Module, layer_bytes: dict[str, int], max_stats_memory: int | None) -> list[list[str]]:
+    """Consecutive groups of layers whose held bytes (``{name: bytes}``: statistics and bases from
+    before the pass until the layer is initialised) fit in ``max_stats_memory`` (all layers in
+    one group when no budget is given)."""
     if max_stats_memory is None:
-        return [list(requests)]
+        return [list(layer_bytes)]
     groups, current, used = [], [], 0
-    for name, request in requests.items():
-        need = request.nbytes(*layer_dims(model.get_submodule(name)))
+    for name, need in layer_bytes.items():
         if need > max_stats_memory:
             raise ValueError(f"layer {name!r} alone needs {need} bytes of statistics, more than "
                              f"max_stats_memory={max_stats_memory}")
@@ -81,11 +85,49 @@ def _check_statistics(model, statistics: KFACStatistics, requests, init_method) 
         raise ValueError(f"the statistics hold no entry for layers {missing_layers[:5]}")
     if statistics.fingerprint is not None and statistics.fingerprint != model_fingerprint(model, list(statistics.layers)):
         raise ValueError("the statistics were collected on a different model (other architecture, weights or layer set)")
+    if (any(req is not None and req.needs_output_gradient for req in requests.values())
+            and statistics.loss_weighting != init_method.loss_weighting):
+        raise ValueError(f"the statistics were collected with loss_weighting={statistics.loss_weighting!r}, but method "
+                         f"{init_method.name!r} needs gradients of the loss weighted {init_method.loss_weighting!r}; "
+                         f"collect them with collect_statistics(..., loss_weighting={init_method.loss_weighting!r})")
     for name, request in requests.items():
+        if request is None:
+            continue
         lacking = init_method.missing_statistics(request, statistics[name])
         if lacking:
             raise ValueError(f"method {init_method.name!r} needs {lacking} for layer {name!r}, which the given "
                              "statistics do not hold; collect them with full_statistics_requests(...)")
+
+
+def _resolve_budget(model, names, init_method, max_stats_memory, loader, micro_batch_size) -> tuple[int | None, str]:
+    """``max_stats_memory`` in bytes (``"auto"``: planned from free memory) and a sentence saying why."""
+    if max_stats_memory is None:
+        return None, "one calibration pass: no max_stats_memory given"
+    if max_stats_memory != "auto":
+        if isinstance(max_stats_memory, bool) or not isinstance(max_stats_memory, numbers.Integral) or max_stats_memory < 1:
+            raise ValueError(f"max_stats_memory must be a positive number of bytes or 'auto', got {max_stats_memory!r}")
+        return int(max_stats_memory), f"max_stats_memory={int(max_stats_memory)} bytes, as given"
+    from .memory import available_memory, estimate_memory
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    free, source = available_memory(device)
+    batch_size, seq_len = _batch_shape(loader)
+    if micro_batch_size is not None:
+        batch_size = min(batch_size, micro_batch_size)
+    estimate = estimate_memory(model, method=init_method, r=init_method.r, batch_size=batch_size,
+                               seq_len=seq_len, target_modules=names, model_resident=True)
+    others = estimate.stages["activations"] + estimate.stages["temporaries"]
+    budget = int(AUTO_MARGIN * free) - others
+    if budget <= 0:
+        raise MemoryError(f"max_stats_memory='auto': {source} reports {free / 2**30:.2f} GiB free, but the calibration "
+                          f"pass alone is estimated at {others / 2**30:.2f} GiB (activations and temporaries); use "
+                          "smaller calibration batches")
+    return budget, (f"max_stats_memory='auto': {budget / 2**30:.2f} GiB = {AUTO_MARGIN:.0%} of the "
+                    f"{free / 2**30:.2f} GiB free ({source}) minus {others / 2**30:.2f} GiB estimated for the "
+                    "pass's activations and per-layer temporaries")
+
+
+AUTO_MARGIN = 0.8  # share of the free memory max_stats_memory="auto" plans with
 
 
 def compute_initialization(
@@ -104,83 +146,132 @@ def compute_initialization(
     progress: bool = True,
     seed: int = 0,
     statistics: KFACStatistics | None = None,
-    max_stats_memory: int | None = None,
+    max_stats_memory: int | str | None = None,
+    micro_batch_size: int | None = None,
     **method_options,
 ) -> InitReport:
     """Compute every target layer's ``LayerInit`` without touching the model.
 
     Same arguments as :func:`init_lora` (``scale`` is PEFT's ``lora_alpha / r``). The
-    returned report's ``layers`` maps layer names to ``LayerInit(lora_A, lora_B, base_weight)``.
+    returned report's ``layers`` maps layer names to ``LayerInit(lora_A, lora_B, base_update)``.
     ``statistics`` reuses a :class:`KFACStatistics` from an earlier pass (or a cache file)
-    instead of a new one. ``max_stats_memory`` (bytes) splits the target layers into groups
-    whose statistics fit, one calibration pass per group; results are identical to one pass.
+    instead of a new one. ``max_stats_memory`` (bytes, or ``"auto"``) splits the target layers
+    into groups whose statistics and bases fit, one calibration pass per group; results are
+    identical to one pass.
+
+    Memory: the work is streamed. Each group of layers is decomposed one layer at a time (only
+    what the method needs through the pass is kept, e.g. FILet's smaller singular basis in the
+    weight's dtype), the pass accumulates exactly the requested statistics, and each layer's
+    statistics are freed as soon as its initialisation is computed. No copy of the weights is
+    made beyond one layer's temporaries.
     """
     _check_model(model)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
-    _check_rank(r)
+    r = _check_rank(r)
     names = resolve_target_modules(model, target_modules)
     for name in names:
         d_out, d_in = layer_dims(model.get_submodule(name))
         if r > min(d_out, d_in):
             raise ValueError(f"r={r} is larger than min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} "
                              f"({d_out}×{d_in})")
+        weight = model.get_submodule(name).weight
+        if weight.device.type == "meta":
+            raise ValueError(f"layer {name!r} has its weight on the meta device: load the weights first "
+                             "(fisher_kernels.estimate_memory works on meta models)")
     unknown = sorted(set(method_options) - set(METHODS[method].option_names()))
     if unknown:
         raise TypeError(f"method {method!r} got unexpected options {unknown}; it accepts "
                         f"{METHODS[method].option_names() or 'none'}")
     init_method = METHODS[method](r, scale, **method_options)
-    report = InitReport(method=method, r=r, scale=scale, target_modules=names)
+    report = InitReport(method=method, r=r, scale=scale, target_modules=names, residual_base=init_method.residual_base)
+    weights = {name: weight_matrix(model.get_submodule(name)).detach() for name in names}  # views, no copies
     start = time.perf_counter()
+    for key in ("decomposition", "statistics", "initialization"):
+        report.timings[key] = 0.0
 
-    weights = {name: weight_matrix(model.get_submodule(name)).detach().float().clone() for name in names}
-    prepared = init_method.prepare(weights)
-    report.timings["decomposition"] = time.perf_counter() - start
-
-    requests = init_method.statistics_requests(weights, prepared)
-    report.timings["statistics"] = report.timings["initialization"] = 0.0
-    if not requests:
-        t = time.perf_counter()
-        with torch.no_grad():
-            inits = init_method.initialize(weights, None, prepared)
-        report.timings["initialization"] = time.perf_counter() - t
+    needs_data = init_method.needs_statistics()
+    if needs_data and statistics is None and loader is None:
+        raise ValueError(f"method {method!r} needs calibration data: pass a loader")
+    if not needs_data or statistics is not None:
+        groups = [names]
+        report.memory_plan = "no calibration pass" if not needs_data else "statistics given: no calibration pass"
     else:
-        if statistics is not None:
-            _check_statistics(model, statistics, requests, init_method)
-            groups = [list(requests)]
-        else:
-            if loader is None:
-                raise ValueError(f"method {method!r} needs calibration data: pass a loader")
-            groups = plan_layer_groups(model, requests, max_stats_memory)
-            if len(groups) > 1 and iter(loader) is loader:
-                raise ValueError(f"max_stats_memory={max_stats_memory} needs {len(groups)} passes over the data, "
-                                 "so the loader must be re-iterable (a DataLoader or a list, not a generator)")
-        inits = {}
-        for group in groups:
+        budget, report.memory_plan = _resolve_budget(model, names, init_method, max_stats_memory, loader,
+                                                     micro_batch_size)
+        layer_bytes = {n: init_method.held_bytes(*layer_dims(model.get_submodule(n)), weights[n].dtype) for n in names}
+        groups = plan_layer_groups(model, layer_bytes, budget)
+        if len(groups) > 1 and iter(loader) is loader:
+            raise ValueError(f"max_stats_memory={max_stats_memory} needs {len(groups)} passes over the data, "
+                             "so the loader must be re-iterable (a DataLoader or a list, not a generator)")
+        report.memory_plan += f"; {len(groups)} calibration pass{'es' if len(groups) > 1 else ''}"
+
+    for group in groups:
+        t = time.perf_counter()
+        prepared = {n: init_method.prepare(n, weights[n]) for n in group}
+        report.prepared_bytes = max(report.prepared_bytes, sum(_nbytes(p) for p in prepared.values()))
+        report.timings["decomposition"] += time.perf_counter() - t
+        stats = None
+        if needs_data:
+            requests = {n: init_method.statistics_request(n, weights[n], prepared[n]) for n in group}
             t = time.perf_counter()
-            stats = statistics if statistics is not None else collect_statistics(
-                model, loader, {n: requests[n] for n in group}, loss_fn=loss_fn, token_mask=token_mask,
-                fisher=fisher, num_batches=num_batches, backend=backend, progress=progress, seed=seed)
+            if statistics is not None:
+                _check_statistics(model, statistics, requests, init_method)
+                stats = statistics
+            else:
+                stats = collect_statistics(
+                    model, loader, requests, loss_fn=loss_fn, token_mask=token_mask, fisher=fisher,
+                    num_batches=num_batches, backend=backend, progress=progress, seed=seed,
+                    loss_weighting=init_method.loss_weighting, micro_batch_size=micro_batch_size)
             report.timings["statistics"] += time.perf_counter() - t
-            report.stats_bytes_per_group.append(stats.nbytes())
+            report.stats_bytes_per_group.append(stats.nbytes() if statistics is None else
+                                                sum(_nbytes(stats[n]) for n in group))
             report.num_batches = stats.num_batches
             report.num_tokens.update({n: stats[n].num_tokens for n in group})
-            t = time.perf_counter()
-            with torch.no_grad():
-                inits.update(init_method.initialize({n: weights[n] for n in group}, stats, prepared))
-            report.timings["initialization"] += time.perf_counter() - t
-            del stats
-        report.stats_bytes = max(report.stats_bytes_per_group)
-
-    for name, init in inits.items():
-        for key in ("lora_A", "lora_B", "base_weight"):
-            value = getattr(init, key)
-            if value is not None and not torch.isfinite(value).all():
-                raise ValueError(f"layer {name!r}: the computed {key} is not finite")
+        t = time.perf_counter()
+        with torch.no_grad():
+            for name, init in init_method.initialize({n: weights[n] for n in group}, stats, prepared):
+                for key, value in init.tensors().items():
+                    if not torch.isfinite(value).all():
+                        raise ValueError(f"layer {name!r}: the computed {key} is not finite")
+                report.layers[name] = init
+                prepared.pop(name, None)
+                if stats is not None and statistics is None:
+                    stats.layers.pop(name)  # free what this layer used; shared input factors go with their last user
+        report.timings["initialization"] += time.perf_counter() - t
+        del stats, prepared
+    report.stats_bytes = max(report.stats_bytes_per_group, default=0)
     report.timings["total"] = time.perf_counter() - start
-    report.layers = inits
-    report.original_weights = weights
     return report
+
+
+def _nbytes(value) -> int:
+    """Bytes of the tensors in a method's prepared data or a LayerStatistics (0 for None)."""
+    if value is None:
+        return 0
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if hasattr(value, "nbytes") and callable(value.nbytes):
+        return value.nbytes()
+    if hasattr(value, "tensors"):
+        return sum(_nbytes(t) for t in value.tensors().values())
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _batch_shape(loader) -> tuple[int, int]:
+    """``(batch size, sequence length)`` of the loader's first batch, for memory planning
+    (peeks only at re-iterable loaders; a generator gives (1, 1))."""
+    if iter(loader) is loader:
+        return 1, 1
+    from .statistics.batches import first_tensor
+
+    batch = next(iter(loader), None)
+    tensor = first_tensor(batch)
+    if tensor is None or tensor.dim() == 0:
+        return 1, 1
+    return int(tensor.shape[0]), int(tensor.shape[1]) if tensor.dim() > 1 else 1
 
 
 def init_lora(
@@ -200,7 +291,8 @@ def init_lora(
     fisher: str = "empirical",
     seed: int = 0,
     statistics: KFACStatistics | None = None,
-    max_stats_memory: int | None = None,
+    max_stats_memory: int | str | None = None,
+    micro_batch_size: int | None = None,
     **method_options,
 ):
     """Initialise LoRA adapters from calibration data and return a ready-to-train ``PeftModel``.
@@ -229,8 +321,15 @@ def init_lora(
         fisher: ``"empirical"`` or ``"true"`` (labels sampled from the model, seeded by ``seed``).
         statistics: reuse statistics from :func:`collect_statistics` or
             :meth:`KFACStatistics.load` instead of a new pass (checked against the model).
-        max_stats_memory: bytes of statistics to hold at once; layers are then processed in
-            groups, one calibration pass each (the loader must be re-iterable).
+        max_stats_memory: bytes of statistics (and FILet's bases) to hold at once; layers are
+            then processed in groups, one calibration pass each (the loader must be re-iterable).
+            ``"auto"`` plans the groups from the free memory of the model's device
+            (``torch.cuda.mem_get_info`` or the system's available RAM) with a margin, after
+            :func:`estimate_memory`'s figure for the pass's activations; ``report.memory_plan``
+            says how many passes it planned and why.
+        micro_batch_size: split each calibration batch into forward+backward passes of at most
+            this many sequences: identical statistics, activations of one micro-batch at a time
+            (the calibration pass is usually the largest memory cost after the model).
         **method_options: passed to the method, e.g. ``energy="component"``, ``route="full"``,
             ``candidates=64`` for FILet; ``variance_strength``, ``population_size``,
             ``stable_gamma``, ``damping``, ``solver`` for LoRA-DA.
@@ -238,7 +337,11 @@ def init_lora(
     Returns:
         ``peft.PeftModel`` whose outputs at step 0 equal the original model's (except for
         floating-point rounding of the residual base weight in bf16/fp16; KaSA changes it by
-        design). ``filet``, ``lora_da``, ``lora_ga``, ``pissa`` and ``milora`` store
+        design, and LoRA-DA's reference keeps ``W`` so its step-0 model is ``W + s·B₀A₀``).
+        Memory: no copy of the weights is held; each layer's base weight is updated in place
+        (through an fp32 temporary of that one layer when the model is not fp32), last, after
+        everything else succeeded. If that last stage is interrupted, the layers already
+        updated are restored as ``W' + P Q`` (exact up to one rounding in the weight's dtype). ``filet``, ``lora_da``, ``lora_ga``, ``pissa`` and ``milora`` store
         ``W' = W − s·B A`` in the base layers, ``kasa`` its truncation of W; save with
         :func:`fisher_kernels.save_residual_model`, or, after training, convert to a plain LoRA
         adapter for the original model with :func:`fisher_kernels.save_as_plain_lora` (not KaSA).
@@ -273,16 +376,18 @@ def init_lora(
     report = compute_initialization(
         model, loader, method=method, r=r, scale=scale, target_modules=names, num_batches=num_batches,
         loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend, progress=progress, seed=seed,
-        statistics=statistics, max_stats_memory=max_stats_memory, **method_options,
+        statistics=statistics, max_stats_memory=max_stats_memory, micro_batch_size=micro_batch_size, **method_options,
     )
     config = make_lora_config(report.target_modules, r, lora_alpha, lora_config, fan_in_fan_out=bool(conv1d))
     t = time.perf_counter()
-    peft_model = wrap_with_lora(model, report.layers, config, scale, report.original_weights)
-    report.original_weights = {}  # only needed to undo a failed wiring
-    for init in report.layers.values():  # the residual base weights now live in the model: free the copies
-        init.base_weight = None
-    if METHODS[method].residual_base:
-        report.initial_adapter = snapshot_adapter(peft_model)  # for save_as_plain_lora
+    peft_model = wrap_with_lora(model, report.layers, config, scale)
+    try:
+        if report.residual_base:
+            report.initial_adapter = snapshot_adapter(peft_model)  # for save_as_plain_lora
+        apply_base_updates(model, report.layers, progress=progress)
+    except BaseException:
+        peft_model.unload()
+        raise
     report.timings["peft"] = time.perf_counter() - t
     report.timings["total"] += report.timings["peft"]
     peft_model.fisher_kernels_report = report

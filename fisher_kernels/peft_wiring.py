@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import set_weight_matrix
+from .layers import weight_matrix
 from .methods import LayerInit
 
 
@@ -30,17 +30,16 @@ def make_lora_config(target_names: list[str], r: int, lora_alpha: float, lora_co
 
 
 @torch.no_grad()
-def wrap_with_lora(model: nn.Module, inits: dict[str, LayerInit], config, scale: float, original_weights):
-    """``get_peft_model(model, config)`` then write each ``LayerInit`` into its LoRA layer.
+def wrap_with_lora(model: nn.Module, inits: dict[str, LayerInit], config, scale: float):
+    """``get_peft_model(model, config)`` then write each layer's ``lora_A``/``lora_B``.
 
-    ``original_weights`` ({name: W (d_out, d_in)}) restores the base weights if anything fails
-    half-way, and the LoRA layers are then removed again, so a failure loses nothing.
+    Base weights are not touched here (see :func:`apply_base_updates`). If anything fails, the
+    LoRA layers are removed again, so the model is as it was.
     """
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, config)
     adapter = peft_model.active_adapter
-    written = []
     try:
         for name, init in inits.items():
             layer = model.get_submodule(name)
@@ -53,15 +52,54 @@ def wrap_with_lora(model: nn.Module, inits: dict[str, LayerInit], config, scale:
             if init.lora_B is not None:
                 lora_B = layer.lora_B[adapter].weight
                 lora_B.copy_(init.lora_B.to(lora_B.device, lora_B.dtype))
-            if init.base_weight is not None:
-                written.append(name)
-                set_weight_matrix(layer.get_base_layer(), init.base_weight.to(layer.get_base_layer().weight.device))
     except BaseException:
-        for name in written:
-            set_weight_matrix(model.get_submodule(name).get_base_layer(), original_weights[name])
         peft_model.unload()
         raise
     return peft_model
+
+
+def _base_layer(model: nn.Module, name: str) -> nn.Module:
+    module = model.get_submodule(name)
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+UPDATE_ROWS = 1024
+
+
+@torch.no_grad()
+def add_low_rank_(module: nn.Module, P: torch.Tensor, Q: torch.Tensor, alpha: float) -> None:
+    """``W += alpha · P Q`` in place for a layer's weight ``W (d_out, d_in)``: directly for fp32/fp64
+    weights, through fp32 temporaries of ``UPDATE_ROWS`` rows for narrower dtypes (the same
+    numbers as one fp32 temporary of the whole layer)."""
+    W = weight_matrix(module)
+    P, Q = P.to(W.device), Q.to(W.device)
+    if W.dtype in (torch.float32, torch.float64):
+        W.addmm_(P.to(W.dtype), Q.to(W.dtype), alpha=alpha)
+        return
+    P, Q = P.float(), Q.float()
+    for start in range(0, W.shape[0], UPDATE_ROWS):  # fp32 temporaries of UPDATE_ROWS rows at a time
+        rows = slice(start, start + UPDATE_ROWS)
+        W[rows] = torch.addmm(W[rows].float(), P[rows], Q, alpha=alpha)
+
+
+@torch.no_grad()
+def apply_base_updates(model: nn.Module, inits: dict[str, LayerInit], progress: bool = False) -> None:
+    """``W ← W − P Q`` for every layer whose ``LayerInit`` has a ``base_update``, in place, one
+    layer at a time. On any failure (``KeyboardInterrupt`` included) the layers already updated
+    get ``P Q`` added back, which restores them up to one rounding in the weight's dtype."""
+    from tqdm.auto import tqdm
+
+    todo = [(name, init.base_update) for name, init in inits.items() if init.base_update is not None]
+    done = []
+    try:
+        for name, (P, Q) in tqdm(todo, desc="fisher_kernels: base weights", unit="layer",
+                                 disable=not progress or len(todo) < 2):
+            add_low_rank_(_base_layer(model, name), P, Q, alpha=-1.0)
+            done.append((name, P, Q))
+    except BaseException:
+        for name, P, Q in reversed(done):
+            add_low_rank_(_base_layer(model, name), P, Q, alpha=1.0)
+        raise
 
 
 def save_residual_model(peft_model, adapter_dir: str, base_dir: str) -> None:

@@ -17,8 +17,30 @@ def summed_sample_loss(kind: str, logits: torch.Tensor, sample: dict) -> torch.T
     return F.cross_entropy(logits.double(), sample["labels"], reduction="sum")
 
 
-def brute_force_statistics(model, kind: str, samples, names):
-    """{name: dict(A, G, grad, n)} as float64 means over every token of every sample."""
+def label_count(kind: str, sample: dict) -> int:
+    """Positions of one unpadded sample that enter the loss."""
+    return sample["labels"].shape[1] - 1 if kind in ("llama", "gpt2") else sample["labels"].numel()
+
+
+def brute_force_statistics(model, kind: str, samples, names, weighting: str = "token", batch_size: int | None = None):
+    """{name: dict(A, G, grad, n)} as float64 means over every token of every sample.
+
+    ``weighting`` says which loss the gradients are of: ``"token"``, the sum of per-token losses;
+    ``"sequence"``, each sample's mean loss (Hugging Face's loss at batch size 1), the mean
+    gradient then averaged over samples; ``"batch"``, each batch's mean loss over the label
+    tokens of its ``batch_size`` consecutive samples, the mean gradient averaged over batches.
+    A and G are per-token means in every case (G of the weighted gradients)."""
+    counts = [label_count(kind, s) for s in samples]
+    if weighting == "token":
+        weights, units = [1.0] * len(samples), None
+    elif weighting == "sequence":
+        weights, units = [1.0 / c for c in counts], len(samples)
+    elif weighting == "batch":
+        groups = [range(i, min(i + batch_size, len(samples))) for i in range(0, len(samples), batch_size)]
+        weights = [1.0 / sum(counts[j] for j in group) for group in groups for _ in group]
+        units = len(groups)
+    else:
+        raise ValueError(weighting)
     modules = dict(model.named_modules())
     sums = {}
     for name in names:
@@ -26,7 +48,7 @@ def brute_force_statistics(model, kind: str, samples, names):
         d_out, d_in = (m.out_features, m.in_features) if not isinstance(m, Conv1D) else m.weight.shape[::-1]
         sums[name] = dict(A=torch.zeros(d_in, d_in, dtype=torch.float64), G=torch.zeros(d_out, d_out, dtype=torch.float64),
                           grad=torch.zeros(d_out, d_in, dtype=torch.float64), n=0)
-    for sample in samples:
+    for sample, weight in zip(samples, weights):
         captured = {}
 
         def capture(name):
@@ -39,7 +61,7 @@ def brute_force_statistics(model, kind: str, samples, names):
         try:
             with torch.enable_grad():
                 logits = model(**{k: v for k, v in sample.items() if k != "labels"}).logits
-                loss = summed_sample_loss(kind, logits, sample)
+                loss = weight * summed_sample_loss(kind, logits, sample)
                 outputs = [captured[n][1] for n in names]
                 grads = torch.autograd.grad(loss, outputs)
         finally:
@@ -54,4 +76,5 @@ def brute_force_statistics(model, kind: str, samples, names):
                 s["G"] += torch.outer(g[t], g[t])
                 s["grad"] += torch.outer(g[t], x[t])
                 s["n"] += 1
-    return {name: dict(A=s["A"] / s["n"], G=s["G"] / s["n"], grad=s["grad"] / s["n"], n=s["n"]) for name, s in sums.items()}
+    return {name: dict(A=s["A"] / s["n"], G=s["G"] / s["n"], grad=s["grad"] / (units or s["n"]), n=s["n"])
+            for name, s in sums.items()}

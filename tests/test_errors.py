@@ -96,3 +96,33 @@ def test_gradient_checkpointing_is_refused_before_the_pass(model_snapshot):
     with pytest.raises(ValueError, match="gradient checkpointing"):
         init_lora(model, batches(), r=2, progress=False)
     assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("method", ["filet", "lora_da", "lora_ga"])
+def test_all_labels_masked_is_a_clear_error_for_every_data_driven_method(method, model_snapshot):
+    snapshot, assert_same = model_snapshot
+    model = make_model("llama")
+    batches = pad_batches(make_samples("llama", n=4), 2)
+    for batch in batches:
+        batch["labels"] = torch.full_like(batch["labels"], -100)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="every label is -100"):
+        init_lora(model, batches, method=method, r=2, progress=False)
+    assert_same(before, snapshot(model))
+
+
+def test_a_loss_without_gradient_is_a_clear_error():
+    model = make_model("llama")
+    batches = pad_batches(make_samples("llama", n=4), 2)
+
+    def detached_loss(outputs, labels):
+        return outputs.logits.detach().float().sum()
+
+    with pytest.raises(ValueError, match="does not depend on the model's outputs"):
+        init_lora(model, batches, method="filet", r=2, loss_fn=detached_loss, progress=False)
+
+
+def test_kasa_refuses_a_rank_that_truncates_a_layer_to_rank_zero():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="would truncate .* to rank 0"):
+        init_lora(model, None, method="kasa", r=24, target_modules=["q_proj"], progress=False)

@@ -1,4 +1,4 @@
-"""Batched LOBPCG against torch.linalg.eigh in float64 (SPEC §3).
+"""Batched LOBPCG against torch.linalg.eigh in float64.
 
 Tolerances: eigenvalues within 1e-6·‖A‖; eigenvectors compared as subspaces (projector
 distance ≤ 1e-4) wherever the k-th and (k+1)-th eigenvalues are separated by 1e-3·‖A‖ (else

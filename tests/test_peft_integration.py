@@ -22,7 +22,8 @@ def test_outputs_unchanged_at_step_0(kind, method):
     model = make_model(kind)
     batches = pad_batches(make_samples(kind, n=4), 2)
     before = logits(model, batches[0])
-    peft_model = init_lora(copy.deepcopy(model), batches, method=method, r=4, lora_alpha=8, progress=False)
+    options = {"residual_base": True} if method == "lora_da" else {}  # LoRA-DA's reference keeps W
+    peft_model = init_lora(copy.deepcopy(model), batches, method=method, r=4, lora_alpha=8, progress=False, **options)
     assert isinstance(peft_model, PeftModel)
     assert torch.allclose(logits(peft_model, batches[0]), before, atol=1e-5)
     if method != "gaussian":  # the adapter really is non-zero
@@ -71,10 +72,29 @@ def test_save_and_reload_round_trip(tmp_path, method):
 def test_merge_and_unload_gives_back_the_original_weights(method):
     model = make_model("gpt2")
     original = {n: weight_matrix(m).detach().clone() for n, m in model.named_modules() if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2}
-    peft_model = init_lora(model, pad_batches(make_samples("gpt2", n=4), 2), method=method, r=4, progress=False)
+    options = {"residual_base": True} if method == "lora_da" else {}
+    peft_model = init_lora(model, pad_batches(make_samples("gpt2", n=4), 2), method=method, r=4, progress=False,
+                           **options)
     merged = peft_model.merge_and_unload()
     for name, W in original.items():
         assert torch.allclose(weight_matrix(merged.get_submodule(name)), W, atol=1e-5), name
+
+
+def test_lora_da_keeps_the_base_weight_by_default_as_its_reference():
+    model = make_model("llama")
+    original = {n: weight_matrix(m).detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    batches = pad_batches(make_samples("llama", n=4), 2)
+    peft_model = init_lora(model, batches, method="lora_da", r=4, lora_alpha=8, progress=False)
+    report = peft_model.fisher_kernels_report
+    assert not report.residual_base and not report.initial_adapter
+    for name in report.target_modules:
+        layer = peft_model.get_base_model().get_submodule(name)
+        assert torch.equal(weight_matrix(layer.get_base_layer()), original[name]), name
+        B, A = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+        assert B.abs().max() > 0
+        merged = original[name] + report.scale * B @ A  # step-0 model: W + s·B₀A₀
+        assert torch.allclose(merged, weight_matrix(peft_model.get_base_model().get_submodule(name).get_base_layer())
+                              + report.scale * B @ A)
 
 
 def test_lora_config_is_respected():

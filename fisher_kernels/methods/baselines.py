@@ -1,10 +1,10 @@
-"""Weight-only baselines: PEFT's default (``gaussian``), PiSSA and MiLoRA (SPEC §4.3)."""
+"""Weight-only baselines: PEFT's default (``gaussian``), PiSSA and MiLoRA."""
 
 from __future__ import annotations
 
 import torch
 
-from .common import InitMethod, LayerInit, batched_svd, svd_factors
+from .common import InitMethod, LayerInit, residual_update, selected_triplets, svd_factors
 
 
 class Gaussian(InitMethod):
@@ -12,15 +12,18 @@ class Gaussian(InitMethod):
 
     name = "gaussian"
 
-    def initialize(self, weights, stats, prepared):
-        return {name: LayerInit(None, None, None) for name in weights}
+    def initialize_layer(self, name, W, stats, prepared):
+        return LayerInit(None, None)
 
 
 class PiSSA(InitMethod):
     """PiSSA: adapter on the top-``r`` singular triplets of W, residual base ``W − U_r S_r V_rᵀ``.
 
-    Option ``svd_driver``: ``"gram"`` (default for PiSSA: its top directions are accurate that
-    way, 2–3× faster) or ``"svd"``. MiLoRA defaults to ``"svd"``: it needs the bottom ones.
+    Option ``svd_driver`` (see :func:`fisher_kernels.methods.selected_triplets`): ``"gram"``
+    (default for PiSSA: its top directions are accurate that way, 2–3× faster, and it needs no
+    copy of W), ``"gram64"`` or ``"svd"`` (``torch.linalg.svd``, as PEFT's ``"pissa"``).
+    MiLoRA defaults to ``"gram64"``: the bottom directions need float64 in the Gram route.
+    Each layer is decomposed on its own, after the previous one's result was taken.
     """
 
     name = "pissa"
@@ -31,19 +34,19 @@ class PiSSA(InitMethod):
     def __init__(self, r, scale, *, svd_driver: str | None = None):
         super().__init__(r, scale)
         self.svd_driver = svd_driver or self.default_driver
+        if self.svd_driver not in ("svd", "gram", "gram64"):
+            raise ValueError(f"svd_driver must be 'svd', 'gram' or 'gram64', got {self.svd_driver!r}")
 
-    def prepare(self, weights):
-        return batched_svd(weights, driver=self.svd_driver)
+    def temporary_bytes(self, d_out, d_in, dtype):
+        return decomposition_bytes(self.svd_driver, d_out, d_in)
 
-    def initialize(self, weights, stats, prepared):
-        out = {}
-        for name, W in weights.items():
-            U, S, Vh = prepared[name]
-            k = S.shape[0]
-            idx = torch.arange(self.r) if self.largest else torch.arange(k - self.r, k)
-            lora_A, lora_B = svd_factors(U[:, idx], S[idx], Vh[idx], self.scale)
-            out[name] = LayerInit(lora_A, lora_B, W - self.scale * lora_B @ lora_A, selected=idx)
-        return out
+    def chosen(self, k: int) -> torch.Tensor:
+        return torch.arange(self.r) if self.largest else torch.arange(k - self.r, k)
+
+    def initialize_layer(self, name, W, stats, prepared):
+        idx, U, S, Vh = selected_triplets(W, self.svd_driver, self.chosen)
+        lora_A, lora_B = svd_factors(U, S, Vh, self.scale)
+        return LayerInit(lora_A, lora_B, residual_update(lora_A, lora_B, self.scale), selected=idx)
 
 
 class MiLoRA(PiSSA):
@@ -51,4 +54,14 @@ class MiLoRA(PiSSA):
 
     name = "milora"
     largest = False
-    default_driver = "svd"
+    default_driver = "gram64"
+
+
+def decomposition_bytes(driver: str, d_out: int, d_in: int) -> int:
+    """Peak temporaries of :func:`selected_triplets` for one ``d_out × d_in`` weight."""
+    small, large = min(d_out, d_in), max(d_out, d_in)
+    if driver == "svd":  # fp32 copy of W, U, Vh and LAPACK's workspace
+        return 4 * (2 * d_out * d_in + 3 * small * small + small * large)
+    itemsize = 8 if driver == "gram64" else 4
+    # Gram matrix, eigenvectors, eigh workspace; a float64 chunk of rows of W for the other side
+    return itemsize * 4 * small * small + 8 * 1024 * small

@@ -5,22 +5,49 @@ from __future__ import annotations
 import inspect
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from ..statistics import KFACStatistics, StatisticsRequest
+from ..statistics import KFACStatistics, SingularBasis, StatisticsRequest
 
 
 @dataclass
 class LayerInit:
-    """One layer's initialisation. ``None`` keeps PEFT's default for that tensor."""
+    """One layer's initialisation. ``None`` keeps PEFT's default for that tensor.
+
+    The new base weight is never materialised here: ``base_update = (P, Q)`` says
+    ``W' = W − P Q`` (rank k, e.g. ``P = s·B``, ``Q = A`` for the residual methods), which
+    :func:`init_lora` applies to the layer's weight in place, one layer at a time.
+    """
 
     lora_A: torch.Tensor | None       # (r, d_in)
     lora_B: torch.Tensor | None       # (d_out, r)
-    base_weight: torch.Tensor | None  # (d_out, d_in): W' replacing W, or None to keep W
+    base_update: tuple[torch.Tensor, torch.Tensor] | None = None  # (P (d_out, k), Q (k, d_in)): W' = W − P Q
     selected: torch.Tensor | None = None  # indices of the chosen candidate directions, when meaningful
     scores: torch.Tensor | None = None    # the score each candidate was ranked by (FILet: Fisher energy)
+
+    def new_base_weight(self, W: torch.Tensor) -> torch.Tensor:
+        """``W' = W − P Q`` in fp32 for a weight ``W (d_out, d_in)`` (a full-size copy: for
+        inspection and tests; the initialisation itself writes ``W'`` in place)."""
+        W = W.detach().float()
+        if self.base_update is None:
+            return W.clone()
+        P, Q = self.base_update
+        return torch.addmm(W, P.to(W.device, torch.float32), Q.to(W.device, torch.float32), alpha=-1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this result holds, by name (for finiteness checks)."""
+        out = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.base_update is not None:
+            out["base_update P"], out["base_update Q"] = self.base_update
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def residual_update(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base update of the residual methods: ``W' = W − s·B A``, so the model is unchanged at step 0."""
+    return scale * lora_B, lora_A
 
 
 def lora_scale(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -75,6 +102,81 @@ def _gram_svd(W: torch.Tensor):
     return (V, S, U.mT) if wide else (U, S, V.mT)
 
 
+def selected_triplets(W: torch.Tensor, driver: str, choose) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(idx, U_S, S_S, Vh_S)`` in fp32 for the singular triplets of one weight that
+    ``choose(k) -> idx`` picks among the ``k`` candidates (ordered by descending σ).
+
+    ``driver="svd"``: ``torch.linalg.svd`` of an fp32 copy (full U and Vh as temporaries).
+    ``"gram"``/``"gram64"``: eigen-decomposition of the smaller Gram matrix (fp32/float64), then
+    only the chosen columns of the other side, as ``W V / σ`` in float64: temporaries of
+    ``min(d)²`` entries, never a copy of W.
+    """
+    if driver == "svd":
+        U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+        idx = choose(S.shape[0])
+        return idx, U[:, idx].contiguous(), S[idx], Vh[idx].contiguous()
+    basis = singular_basis(W, driver=driver, dtype=torch.float64 if driver == "gram64" else torch.float32)
+    idx = choose(basis.num_candidates)
+    return (idx, *complete_triplets(W, basis, idx))
+
+
+def _row_chunks(n: int, chunk: int = 1024):
+    for start in range(0, n, chunk):
+        yield slice(start, min(start + chunk, n))
+
+
+def small_gram(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``WᵀW`` (d_in < d_out) or ``W Wᵀ`` (d_out ≤ d_in) in ``dtype``, accumulated over chunks of
+    the long side so that no full-size copy of W in ``dtype`` is made."""
+    M = W if W.shape[0] > W.shape[1] else W.T  # (long, short), a view
+    gram = torch.zeros(M.shape[1], M.shape[1], dtype=dtype, device=W.device)
+    for rows in _row_chunks(M.shape[0]):
+        block = M[rows].to(dtype)
+        gram.addmm_(block.T, block)
+    return gram
+
+
+def singular_basis(W: torch.Tensor, *, driver: str = "gram64", top: int | None = None,
+                   dtype: torch.dtype | None = None) -> SingularBasis:
+    """The smaller side of the thin SVD of ``W (d_out, d_in)``: V when ``d_in < d_out``, else U (the
+    output side of a square layer, whose input projections the collector can then read off the
+    layer's own output).
+
+    The vectors are stored in ``dtype`` (default: the weight's own dtype), the singular values in
+    fp32, descending; ``top`` keeps the leading triplets. Drivers as in :func:`batched_svd`:
+    ``"gram64"`` (eigen-decomposition of the small Gram matrix in float64), ``"gram"`` (fp32) or
+    ``"svd"``. Memory: the small Gram matrix and its eigenvectors, never a copy of W's long side.
+    """
+    if driver not in ("svd", "gram", "gram64"):
+        raise ValueError(f"driver must be 'svd', 'gram' or 'gram64', got {driver!r}")
+    side = "input" if W.shape[0] > W.shape[1] else "output"
+    dtype = W.dtype if dtype is None else dtype
+    if driver == "svd":
+        U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+        vectors = Vh.T if side == "input" else U
+    else:
+        eigenvalues, vectors = torch.linalg.eigh(small_gram(W, torch.float64 if driver == "gram64" else torch.float32))
+        S, vectors = eigenvalues.flip(-1).clamp_min(0).sqrt(), vectors.flip(-1)
+    k = S.shape[0] if top is None else min(top, S.shape[0])
+    return SingularBasis(side, vectors[:, :k].to(dtype).contiguous(), S[:k].float().contiguous())
+
+
+def complete_triplets(W: torch.Tensor, basis: SingularBasis, idx: torch.Tensor):
+    """``(U_S (d_out, r), S_S (r,), Vh_S (r, d_in))`` in fp32 for the candidates ``idx`` of
+    ``basis``: the stored side is read, the other one computed as ``W V / σ`` or ``Wᵀ U / σ`` in
+    float64, chunk by chunk (σ floored at σ_max · eps(fp32))."""
+    vectors = basis.vectors[:, idx].double()  # (d_short, r)
+    S = basis.values[idx]
+    floor = basis.values.max().clamp_min(torch.finfo(torch.float32).tiny) * torch.finfo(torch.float32).eps
+    M = W if basis.side == "input" else W.T  # (long, short): other side = M @ vectors / σ
+    other = torch.empty(M.shape[0], vectors.shape[1], dtype=torch.float64, device=W.device)
+    for rows in _row_chunks(M.shape[0]):
+        torch.mm(M[rows].double(), vectors, out=other[rows])
+    other = (other / torch.maximum(S, floor).double()).float()
+    vectors = vectors.float()
+    return (other, S, vectors.T) if basis.side == "input" else (vectors, S, other.T)
+
+
 def svd_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float):
     """PiSSA's split of ``U diag(S) Vh`` into LoRA factors with ``s · B A = U diag(S) Vh``."""
     root = torch.sqrt(S / scale)
@@ -84,14 +186,21 @@ def svd_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float
 class InitMethod:
     """A data-driven (or weight-only) LoRA initialisation.
 
-    The orchestration calls, in order: ``prepare(weights)`` (work on weights alone, e.g. a
-    decomposition), ``statistics_requests(weights, prepared)`` (empty when the method needs no
-    data), then ``initialize(weights, stats, prepared)``. ``weights`` maps layer names to
-    fp32 ``W (d_out, d_in)``. The method never sees how its statistics were computed.
+    The orchestration calls, one layer at a time where it can: ``prepare(name, W)`` (work on the
+    weight alone before the calibration pass, e.g. a decomposition; keep what it returns small),
+    ``statistics_request(name, W, prepared)`` (``None`` when the method needs no data), then
+    ``initialize(weights, stats, prepared)``, which yields ``(name, LayerInit)`` pairs as soon as
+    each is ready, so that the caller can write it into the model and free what it used.
+    ``W`` is the layer's weight as ``(d_out, d_in)`` in the model's own dtype: a view of the
+    parameter, never to be modified. The method never sees how its statistics were computed.
     """
 
     name: str = ""
-    residual_base: bool = False  # base becomes W − s·B₀A₀, so a trained adapter converts to plain LoRA
+    residual_base: bool = False  # base becomes W − s·B₀A₀, so a trained adapter converts to plain LoRA (may be per instance)
+    loss_weighting: str = "token"  # how the calibration loss weights tokens, see collect_statistics
+    needs_data: bool = False       # True: statistics_request asks for a calibration pass
+    holds_layer_inputs: bool = False  # its statistics need each layer's input until the backward pass (∇W)
+    shares_input_factor: bool = False  # layers that read the same input share one input factor
 
     def __init__(self, r: int, scale: float):
         self.r, self.scale = r, scale
@@ -102,15 +211,34 @@ class InitMethod:
         params = inspect.signature(cls.__init__).parameters.values()
         return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
-    def prepare(self, weights: dict[str, torch.Tensor]):
+    def needs_statistics(self) -> bool:
+        return self.needs_data
+
+    def held_bytes(self, d_out: int, d_in: int, dtype: torch.dtype) -> int:
+        """Bytes this method holds for one layer from ``prepare`` until its initialisation
+        (prepared data and fp32 statistics; shared input factors not deducted), for planning."""
+        return 0
+
+    def temporary_bytes(self, d_out: int, d_in: int, dtype: torch.dtype) -> int:
+        """Peak bytes of the temporaries of one layer's ``prepare`` or initialisation, for planning."""
+        return 0
+
+    def prepare(self, name: str, W: torch.Tensor):
         return None
 
-    def statistics_requests(self, weights, prepared) -> dict[str, StatisticsRequest]:
-        return {}
+    def statistics_request(self, name: str, W: torch.Tensor, prepared) -> StatisticsRequest | None:
+        return None
 
     def missing_statistics(self, request: StatisticsRequest, layer) -> list[str]:
         """What ``layer`` (a LayerStatistics, e.g. from a cache) lacks for ``request``."""
         return request.missing_in(layer)
 
-    def initialize(self, weights, stats: KFACStatistics | None, prepared) -> dict[str, LayerInit]:
+    def initialize(self, weights: dict[str, torch.Tensor], stats: KFACStatistics | None,
+                   prepared: dict) -> Iterator[tuple[str, LayerInit]]:
+        """Yield ``(name, LayerInit)`` for every layer of ``weights``; by default layer by layer."""
+        for name, W in weights.items():
+            layer_stats = None if stats is None else stats[name]
+            yield name, self.initialize_layer(name, W, layer_stats, prepared.get(name))
+
+    def initialize_layer(self, name: str, W: torch.Tensor, stats, prepared) -> LayerInit:
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""FILet: PiSSA's candidate directions ranked by Fisher energy (SPEC §4.1).
+"""FILet: PiSSA's candidate directions ranked by Fisher energy.
 
 For the thin SVD ``W = U Σ Vᵀ`` and K-FAC factors ``A`` (input) and ``G`` (output), the
 Fisher energy of the unit direction ``u_i v_iᵀ`` is
@@ -8,6 +8,17 @@ Fisher energy of the unit direction ``u_i v_iᵀ`` is
 The ``r`` candidates with the largest energy (``energy="component"``: largest ``σ_i² e_i``)
 become the adapter, split PiSSA-style so that ``s · B A = U_S Σ_S V_Sᵀ``, and the base
 weight becomes ``W − U_S Σ_S V_Sᵀ``: the model is unchanged at step 0.
+
+Memory. Before the calibration pass each layer is decomposed on its own and only the smaller
+side of its SVD is kept (V when ``d_in ≤ d_out``, else U: ``min(d_out, d_in)²`` entries, in the
+weight's dtype) with the singular values; the collector recovers the other side's projections
+from the weight itself (``uᵢᵀ g = vᵢᵀ Wᵀ g / σᵢ``, ``vᵢᵀ x = uᵢᵀ W x / σᵢ``), so the hooks hold
+O(min(d)) numbers per layer besides that basis. When the weight's dtype is narrower than fp32
+(bf16, fp16), the stored basis is rounded to it, which perturbs the energies by about that
+dtype's precision; the factors of the chosen directions are then taken from the same
+decomposition recomputed after the pass in full precision, so only the choice itself can differ
+from a float64 reference, and only between candidates whose energies nearly tie (measured in
+the tests and the README).
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..statistics import StatisticsRequest
-from .common import InitMethod, LayerInit, batched_svd, svd_factors
+from .common import InitMethod, LayerInit, complete_triplets, residual_update, singular_basis, svd_factors
 
 
 def fisher_energy(U: torch.Tensor, Vh: torch.Tensor, output_factor: torch.Tensor, input_factor: torch.Tensor) -> torch.Tensor:
@@ -37,8 +48,8 @@ class FILet(InitMethod):
     Options:
         energy: ``"direction"`` (default) ranks by ``e_i``; ``"component"`` by ``σ_i² e_i``.
         route: ``"projected"`` (default) decomposes W before the pass and accumulates only
-            ``diag(Uᵀ G U)`` and ``diag(Vᵀ A V)`` (O(m) memory per layer); ``"full"``
-            accumulates the full factors ``A`` and ``G``. Both give the same energies.
+            ``diag(Uᵀ G U)`` and ``diag(Vᵀ A V)`` (O(m) memory per layer besides the basis);
+            ``"full"`` accumulates the full factors ``A`` and ``G``. Both give the same energies.
         candidates: keep only the top ``m`` singular triplets as candidates (default: all).
         svd_driver: ``"gram64"`` (default: eigen-decomposition of the smaller Gram matrix in
             float64, as accurate as an fp32 SVD, since FILet may choose small-σ directions),
@@ -57,18 +68,49 @@ class FILet(InitMethod):
             raise ValueError(f"route must be 'projected' or 'full', got {route!r}")
         if candidates is not None and candidates < r:
             raise ValueError(f"candidates={candidates} must be at least r={r}")
+        if svd_driver not in ("svd", "gram", "gram64"):
+            raise ValueError(f"svd_driver must be 'svd', 'gram' or 'gram64', got {svd_driver!r}")
         self.energy, self.route, self.candidates, self.svd_driver = energy, route, candidates, svd_driver
 
-    def prepare(self, weights):
-        return batched_svd(weights, top=self.candidates, driver=self.svd_driver)
+    needs_data = True
 
-    def statistics_requests(self, weights, prepared):
+    @property
+    def shares_input_factor(self):
+        return self.route == "full"
+
+    def _num_candidates(self, d_out, d_in):
+        return min(d_out, d_in) if self.candidates is None else min(self.candidates, d_out, d_in)
+
+    def held_bytes(self, d_out, d_in, dtype):
         if self.route == "full":
-            return {name: StatisticsRequest(input_factor=True, output_factor=True) for name in weights}
-        return {
-            name: StatisticsRequest(input_basis=Vh.T, output_basis=U)
-            for name, (U, S, Vh) in prepared.items()
-        }
+            return 4 * (d_in * d_in + d_out * d_out)
+        m = self._num_candidates(d_out, d_in)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return min(d_out, d_in) * m * itemsize + 3 * 4 * m  # basis; singular values and two energies
+
+    def basis_bytes(self, d_out, d_in, dtype):
+        if self.route == "full":
+            return 0
+        m = self._num_candidates(d_out, d_in)
+        return min(d_out, d_in) * m * torch.empty((), dtype=dtype).element_size() + 4 * m
+
+    def temporary_bytes(self, d_out, d_in, dtype):
+        small, m = min(d_out, d_in), self._num_candidates(d_out, d_in)
+        decomposition = 4 * 8 * small * small  # float64 Gram matrix, eigenvectors, eigh workspace
+        if self.route == "full":  # every candidate's U and V, and G U, Vᵀ A, in fp32
+            return decomposition + 4 * 2 * m * (d_out + d_in)
+        return decomposition
+
+    def _basis(self, W, dtype=None):
+        return singular_basis(W, driver=self.svd_driver, top=self.candidates, dtype=dtype)
+
+    def prepare(self, name, W):
+        return self._basis(W) if self.route == "projected" else None
+
+    def statistics_request(self, name, W, prepared):
+        if self.route == "full":
+            return StatisticsRequest(input_factor=True, output_factor=True)
+        return StatisticsRequest(singular_basis=prepared)
 
     def missing_statistics(self, request, layer):
         """Full factors serve the projected route too (e.g. statistics from a cache)."""
@@ -76,22 +118,21 @@ class FILet(InitMethod):
             return []
         return request.missing_in(layer)
 
-    def energies(self, name, stats, prepared) -> torch.Tensor:
-        """Fisher energy of every candidate of layer ``name``, per the ``energy`` option."""
-        U, S, Vh = prepared[name]
-        layer = stats[name]
+    def energies(self, W, layer, basis) -> torch.Tensor:
+        """Fisher energy of every candidate of one layer, per the ``energy`` option."""
         if layer.input_projected_energy is not None and layer.output_projected_energy is not None:
-            energy = (layer.output_projected_energy * layer.input_projected_energy).to(U.device)
+            energy = (layer.output_projected_energy * layer.input_projected_energy).to(basis.values.device)
         else:
+            U, _, Vh = complete_triplets(W, basis, torch.arange(basis.num_candidates, device=basis.values.device))
             energy = fisher_energy(U, Vh, layer.output_factor.to(U.device), layer.input_factor.to(U.device))
-        return energy * S.square() if self.energy == "component" else energy
+        return energy * basis.values.square() if self.energy == "component" else energy
 
-    def initialize(self, weights, stats, prepared):
-        out = {}
-        for name, W in weights.items():
-            U, S, Vh = prepared[name]
-            energy = self.energies(name, stats, prepared)
-            idx = select_by_energy(energy, self.r)
-            lora_A, lora_B = svd_factors(U[:, idx], S[idx], Vh[idx], self.scale)
-            out[name] = LayerInit(lora_A, lora_B, W - self.scale * lora_B @ lora_A, selected=idx, scores=energy)
-        return out
+    def initialize_layer(self, name, W, stats, compact_basis):
+        basis = compact_basis
+        if basis is None or basis.vectors.element_size() < 4:  # factors (and full-factor energies) at fp32 or better
+            basis = self._basis(W, dtype=torch.promote_types(W.dtype, torch.float32))
+        energy = self.energies(W, stats, basis)
+        idx = select_by_energy(energy, self.r)
+        U, S, Vh = complete_triplets(W, basis, idx)
+        lora_A, lora_B = svd_factors(U, S, Vh, self.scale)
+        return LayerInit(lora_A, lora_B, residual_update(lora_A, lora_B, self.scale), selected=idx, scores=energy)

@@ -1,4 +1,4 @@
-"""KaSA (ICLR 2025; reference code juyongjiang/KaSA), as an initialisation (SPEC §4.3).
+"""KaSA (ICLR 2025; reference code juyongjiang/KaSA), as an initialisation.
 
 The base weight is replaced by its rank-``k`` truncation ``W' = U_k Σ_k V_kᵀ`` with
 ``k = min(d_out, d_in) − r`` (the r smallest singular components are dropped), and the adapter
@@ -16,34 +16,40 @@ import math
 
 import torch
 
-from .common import InitMethod, LayerInit, batched_svd
+from .baselines import decomposition_bytes
+from .common import InitMethod, LayerInit, selected_triplets
 
 
 class KaSA(InitMethod):
-    """KaSA initialisation. Option: ``seed`` for ``d`` and the Kaiming draw of A."""
+    """KaSA initialisation. Options: ``seed`` for ``d`` and the Kaiming draw of A; ``svd_driver``
+    for the r smallest singular components (``"gram64"`` by default, ``"svd"`` as PEFT)."""
 
     name = "kasa"
     residual_base = False  # the base changes too, by truncation, not by W − s·B₀A₀
 
-    def __init__(self, r, scale, *, seed: int = 0):
+    def __init__(self, r, scale, *, seed: int = 0, svd_driver: str = "gram64"):
         super().__init__(r, scale)
-        self.seed = seed
+        if svd_driver not in ("svd", "gram", "gram64"):
+            raise ValueError(f"svd_driver must be 'svd', 'gram' or 'gram64', got {svd_driver!r}")
+        self.seed, self.svd_driver = seed, svd_driver
 
-    def prepare(self, weights):
-        return batched_svd(weights)
+    def temporary_bytes(self, d_out, d_in, dtype):
+        return decomposition_bytes(self.svd_driver, d_out, d_in)
 
     def initialize(self, weights, stats, prepared):
-        generator = torch.Generator().manual_seed(self.seed)
-        out = {}
-        for name, W in weights.items():
-            U, S, Vh = prepared[name]
-            k = S.shape[0] - self.r
-            truncated = (U[:, :k] * S[:k]) @ Vh[:k]
-            d_in = W.shape[1]
-            bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=√5), as nn.Linear and PEFT use
-            A = (torch.rand(self.r, d_in, generator=generator) * 2 - 1) * bound
-            d = torch.randn(self.r, generator=generator)
-            lora_A = (d[:, None] * A).to(W.device)
-            lora_B = torch.zeros(W.shape[0], self.r, device=W.device)
-            out[name] = LayerInit(lora_A, lora_B, truncated)
-        return out
+        self._generator = torch.Generator().manual_seed(self.seed)  # one stream over the layers, in order
+        yield from super().initialize(weights, stats, prepared)
+
+    def initialize_layer(self, name, W, stats, prepared):
+        if self.r >= min(W.shape):
+            raise ValueError(f"layer {name!r}: KaSA with r={self.r} would truncate its {tuple(W.shape)} base weight "
+                             f"to rank {min(W.shape) - self.r}; use r < {min(W.shape)}")
+        _, U, S, Vh = selected_triplets(W, self.svd_driver, lambda k: torch.arange(k - self.r, k))
+        d_in = W.shape[1]
+        bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=√5), as nn.Linear and PEFT use
+        A = (torch.rand(self.r, d_in, generator=self._generator) * 2 - 1) * bound
+        d = torch.randn(self.r, generator=self._generator)
+        lora_A = (d[:, None] * A).to(W.device)
+        lora_B = torch.zeros(W.shape[0], self.r, device=W.device)
+        # W' = U_k Σ_k V_kᵀ = W − (the r smallest components)
+        return LayerInit(lora_A, lora_B, (U * S, Vh))

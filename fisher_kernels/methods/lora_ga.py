@@ -1,4 +1,4 @@
-"""LoRA-GA (NeurIPS 2024; reference code Outsider565/LoRA-GA), the reference version (SPEC §4.3).
+"""LoRA-GA (NeurIPS 2024; reference code Outsider565/LoRA-GA), the reference version.
 
 From the averaged gradient ``∇W`` (d_out, d_in) of the calibration data:
 
@@ -8,7 +8,9 @@ From the averaged gradient ``∇W`` (d_out, d_in) of the calibration data:
 
 PEFT's port (``preprocess_loraga``) differs: it puts ``S[r:2r]`` into B and scales only B; it is
 benchmarked separately as ``peft_lora_ga``. Here ``∇W`` is the mean per-token gradient of the
-summed loss (SPEC §2), the same direction as the reference's batch-averaged gradient.
+summed loss only with ``gradient_average="token"``; by default it is, as in the reference, the
+average over calibration batches of each batch's mean-loss gradient. The two agree for one batch
+and differ when batches hold different numbers of label tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..statistics import StatisticsRequest
-from .common import InitMethod, LayerInit
+from .common import InitMethod, LayerInit, residual_update
 
 
 def seeded_svd_lowrank(matrix: torch.Tensor, q: int, niter: int, seed: int):
@@ -28,31 +30,47 @@ def seeded_svd_lowrank(matrix: torch.Tensor, q: int, niter: int, seed: int):
 
 
 class LoraGA(InitMethod):
-    """LoRA-GA initialisation. Options: ``stable_gamma`` γ (16), ``niter`` (4), ``seed`` (0)."""
+    """LoRA-GA initialisation. Options: ``stable_gamma`` γ (16), ``niter`` (4), ``seed`` (0),
+    ``gradient_average``: ``"batch"`` (default, as the reference and PEFT: the mean over
+    calibration batches of each batch's mean-loss gradient, which depends on how the data is
+    batched) or ``"token"`` (the per-token mean gradient of the summed loss: batching-independent).
+    """
 
     name = "lora_ga"
     residual_base = True
 
-    def __init__(self, r, scale, *, stable_gamma: float = 16.0, niter: int = 4, seed: int = 0):
+    def __init__(self, r, scale, *, stable_gamma: float = 16.0, niter: int = 4, seed: int = 0,
+                 gradient_average: str = "batch"):
         super().__init__(r, scale)
         if stable_gamma <= 0:
             raise ValueError(f"stable_gamma must be positive, got {stable_gamma}")
+        if gradient_average not in ("batch", "token"):
+            raise ValueError(f"gradient_average must be 'batch' or 'token', got {gradient_average!r}")
         self.stable_gamma, self.niter, self.seed = stable_gamma, niter, seed
+        self.loss_weighting = gradient_average
 
-    def statistics_requests(self, weights, prepared):
-        return {name: StatisticsRequest(gradient=True) for name in weights}
+    needs_data = True
+    holds_layer_inputs = True
+    loss_weighting = "batch"
 
-    def initialize(self, weights, stats, prepared):
-        out = {}
-        for name, W in weights.items():
-            d_out, d_in = W.shape
-            if 2 * self.r > min(d_out, d_in):
-                raise ValueError(f"layer {name!r}: LoRA-GA needs 2r = {2 * self.r} <= min(d_out, d_in) = "
-                                 f"{min(d_out, d_in)}")
-            gradient = stats[name].gradient.to(W.device)
-            U, _, V = seeded_svd_lowrank(gradient, q=min(4 * self.r, d_out, d_in), niter=self.niter, seed=self.seed)
-            c = d_out ** 0.25 / self.stable_gamma ** 0.5
-            lora_A = V[:, : self.r].T * c          # (r, d_in)
-            lora_B = U[:, self.r : 2 * self.r] * c  # (d_out, r)
-            out[name] = LayerInit(lora_A, lora_B, W - self.scale * lora_B @ lora_A)
-        return out
+    def held_bytes(self, d_out, d_in, dtype):
+        return 4 * d_out * d_in
+
+    def temporary_bytes(self, d_out, d_in, dtype):
+        q = min(4 * self.r, d_out, d_in)
+        return 4 * 3 * q * (d_out + d_in)  # svd_lowrank's blocks
+
+    def statistics_request(self, name, W, prepared):
+        return StatisticsRequest(gradient=True)
+
+    def initialize_layer(self, name, W, stats, prepared):
+        d_out, d_in = W.shape
+        if 2 * self.r > min(d_out, d_in):
+            raise ValueError(f"layer {name!r}: LoRA-GA needs 2r = {2 * self.r} <= min(d_out, d_in) = "
+                             f"{min(d_out, d_in)}")
+        gradient = stats.gradient.to(W.device)
+        U, _, V = seeded_svd_lowrank(gradient, q=min(4 * self.r, d_out, d_in), niter=self.niter, seed=self.seed)
+        c = d_out ** 0.25 / self.stable_gamma ** 0.5
+        lora_A = V[:, : self.r].T * c          # (r, d_in)
+        lora_B = U[:, self.r : 2 * self.r] * c  # (d_out, r)
+        return LayerInit(lora_A, lora_B, residual_update(lora_A, lora_B, self.scale))

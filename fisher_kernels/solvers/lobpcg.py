@@ -1,4 +1,4 @@
-"""Batched LOBPCG: extreme eigenpairs of many symmetric matrices at once (SPEC §3).
+"""Batched LOBPCG: extreme eigenpairs of many symmetric matrices at once.
 
 Knyazev's locally optimal block preconditioned conjugate gradient, run on a whole batch
 ``(b, n, n)`` (or a matrix-free operator on ``(b, n, m)`` blocks) in lock-step:

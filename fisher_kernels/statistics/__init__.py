@@ -2,7 +2,7 @@
 
 from .cache import load_statistics, save_statistics
 from .collector import collect_statistics, full_statistics_requests
-from .containers import KFACStatistics, LayerStatistics, StatisticsRequest, model_fingerprint
+from .containers import KFACStatistics, LayerStatistics, SingularBasis, StatisticsRequest, model_fingerprint
 
 __all__ = ["collect_statistics", "full_statistics_requests", "load_statistics", "save_statistics",
-           "model_fingerprint", "KFACStatistics", "LayerStatistics", "StatisticsRequest"]
+           "model_fingerprint", "KFACStatistics", "LayerStatistics", "SingularBasis", "StatisticsRequest"]

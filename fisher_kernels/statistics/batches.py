@@ -34,14 +34,14 @@ def _to_device(value, device):
     return value
 
 
-def _first_tensor(value):
+def first_tensor(value):
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, Mapping):
         value = list(value.values())
     if isinstance(value, (list, tuple)):
         for v in value:
-            t = _first_tensor(v)
+            t = first_tensor(v)
             if t is not None:
                 return t
     return None
@@ -101,9 +101,46 @@ def prepare_batch(batch, index: int, device, *, token_mask: str, needs_labels: b
     else:
         raise ValueError(f"token_mask must be 'attention' or 'labels', got {token_mask!r}")
 
-    first = _first_tensor((args, kwargs))
+    first = first_tensor((args, kwargs))
     num_sequences = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
     return PreparedBatch(args, kwargs, targets, mask, num_sequences)
+
+
+def split_batch(prepared: PreparedBatch, size: int | None) -> list[PreparedBatch]:
+    """``prepared`` cut into micro-batches of at most ``size`` sequences along the first dimension of
+    every tensor that has the batch's leading size (``None``: the batch itself). Statistics are
+    sums over tokens, so they do not change; only the activations held at once shrink."""
+    n = prepared.num_sequences
+    if size is None or size >= n:
+        return [prepared]
+
+    def cut(value, rows):
+        if isinstance(value, torch.Tensor):
+            return value[rows] if value.dim() > 0 and value.shape[0] == n else value
+        if isinstance(value, Mapping):
+            return {k: cut(v, rows) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(cut(v, rows) for v in value)
+        return value
+
+    parts = []
+    for start in range(0, n, size):
+        rows = slice(start, min(start + size, n))
+        parts.append(PreparedBatch(cut(prepared.args, rows), cut(prepared.kwargs, rows), cut(prepared.targets, rows),
+                                   cut(prepared.token_mask, rows), rows.stop - rows.start))
+    return parts
+
+
+def counted_labels(prepared: PreparedBatch, *, causal: bool, sampled: bool) -> int:
+    """Positions of the whole batch that enter the loss (for per-batch weighting of micro-batches)."""
+    if sampled:
+        return prepared.num_sequences if prepared.token_mask is None else int(prepared.token_mask.sum())
+    labels = prepared.targets
+    if not isinstance(labels, torch.Tensor):
+        return prepared.num_sequences
+    if causal and labels.dim() == 2:
+        labels = labels[:, 1:]
+    return int(labels.ne(IGNORE_INDEX).sum())
 
 
 def is_causal_lm(model) -> bool:
@@ -118,41 +155,138 @@ def _logits(outputs) -> torch.Tensor:
     return logits
 
 
-def summed_model_loss(outputs, labels: torch.Tensor, *, causal: bool) -> tuple[torch.Tensor, int]:
-    """Sum of per-token (or per-sample) losses for the usual Hugging Face heads, and their count.
+LOSS_WEIGHTINGS = ("token", "sequence", "batch")
 
-    Causal LM: cross-entropy of ``logits[:, :-1]`` against ``labels[:, 1:]``; token-level
+
+def loss_weights(labels: torch.Tensor, weighting: str, batch_total: int | None = None) -> tuple[torch.Tensor, int]:
+    """Per-position weights of the calibration loss and the number of loss units they make.
+
+    ``labels`` (B, T) or (B,), ``-100`` ignored. ``"token"``: every counted label weighs 1 (the
+    summed loss; units = counted labels). ``"sequence"``: each sequence's labels weigh ``1/T_n``,
+    so the loss is the sum over sequences of Hugging Face's per-sequence mean loss (units =
+    sequences with a label). ``"batch"``: every label weighs ``1/T`` of the whole batch, the
+    batch's mean loss (units = 1 when the batch has a label). For a micro-batch of a larger batch,
+    ``batch_total`` is the whole batch's label count and the units are 0 (the caller counts the
+    batch once).
+    """
+    counted = labels.ne(IGNORE_INDEX).float()
+    if weighting == "token":
+        return counted, int(counted.sum())
+    if weighting == "batch":
+        if batch_total is not None:
+            return counted / max(batch_total, 1), 0
+        total = counted.sum()
+        return counted / total.clamp_min(1), int(total > 0)
+    if weighting == "sequence":
+        per_sequence = counted.reshape(counted.shape[0], -1).sum(dim=1)  # (B,)
+        shape = (-1,) + (1,) * (counted.dim() - 1)
+        return counted / per_sequence.clamp_min(1).reshape(shape), int((per_sequence > 0).sum())
+    raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+
+
+CHUNK_ELEMENTS = 2**20  # fp32 temporaries of the loss: about 4 MiB per chunk of rows
+
+
+def _row_chunks(logits: torch.Tensor):
+    rows = max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    for start in range(0, logits.shape[0], rows):
+        yield slice(start, start + rows)
+
+
+class _WeightedCrossEntropy(torch.autograd.Function):
+    """``Σ_t w_t · CE(logits_t, label_t)`` over rows, in fp32, a chunk of rows at a time.
+
+    Saves only the logits the model produced (no fp32 copy, no log-softmax); the backward pass
+    recomputes each chunk's cross-entropy and differentiates it with ``F.cross_entropy``'s own
+    backward, so the gradients round exactly as an unchunked ``F.cross_entropy`` would. Rows
+    with label ``-100`` contribute nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, weights):
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for rows in _row_chunks(logits):
+            losses = F.cross_entropy(logits[rows].float(), labels[rows], ignore_index=IGNORE_INDEX, reduction="none")
+            total += (losses * weights[rows]).sum()
+        ctx.save_for_backward(logits, labels, weights)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        logits, labels, weights = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for rows in _row_chunks(logits):
+            with torch.enable_grad():
+                block = logits[rows].detach().float().requires_grad_(True)
+                losses = F.cross_entropy(block, labels[rows], ignore_index=IGNORE_INDEX, reduction="none")
+                (chunk_grad,) = torch.autograd.grad(losses, block, weights[rows] * grad_total)
+            grad[rows] = chunk_grad.to(grad.dtype)
+        return grad, None, None
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_t w_t · CE(logits_t, labels_t)`` for logits (N, C) of any float dtype, labels (N,) with
+    ``-100`` where ``w_t = 0``; computed in fp32 without a full fp32 copy of the logits."""
+    return _WeightedCrossEntropy.apply(logits, labels, weights.to(torch.float32))
+
+
+def _shifted(labels: torch.Tensor) -> torch.Tensor:
+    """Causal LM labels aligned with the logits that predict them: ``labels[:, t + 1]`` at t."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted
+
+
+def summed_model_loss(outputs, labels: torch.Tensor, *, causal: bool, weighting: str = "token",
+                      batch_total: int | None = None) -> tuple[torch.Tensor, int, int]:
+    """The calibration loss for the usual Hugging Face heads, its label count and loss units.
+
+    Causal LM: cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]``; token-level
     heads: cross-entropy per token; sequence classification: cross-entropy per sample
     (mean-squared error when there is one float target per sample). ``-100`` is ignored.
+    The per-position losses are weighted as :func:`loss_weights` says (``"token"``: their sum).
+    Returns ``(loss, number of counted labels, number of loss units)``.
     """
-    logits = _logits(outputs).float()
+    logits = _logits(outputs)
     if labels.dim() == logits.dim() - 1 and labels.shape == logits.shape[:-1]:
         if causal and labels.dim() == 2:
-            logits, labels = logits[:, :-1], labels[:, 1:]
+            labels = _shifted(labels)
+        weights, units = loss_weights(labels, weighting, batch_total)
         flat_labels = labels.reshape(-1)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, int(flat_labels.ne(IGNORE_INDEX).sum())
+        loss = weighted_cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_labels, weights.reshape(-1))
+        return loss, int(flat_labels.ne(IGNORE_INDEX).sum()), units
     if labels.is_floating_point() and logits.shape[-1] == 1 and labels.numel() == logits.shape[0]:
-        return F.mse_loss(logits.reshape(-1), labels.reshape(-1).float(), reduction="sum"), labels.numel()
+        weights, units = loss_weights(torch.zeros(labels.numel(), dtype=torch.long, device=labels.device), weighting,
+                                      batch_total)
+        squared = (logits.reshape(-1).float() - labels.reshape(-1).float()).square()
+        return (squared * weights).sum(), labels.numel(), units
     if logits.dim() == 2 and labels.shape == logits.shape[:1]:
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"), int(labels.ne(IGNORE_INDEX).sum())
+        weights, units = loss_weights(labels, weighting, batch_total)
+        return weighted_cross_entropy(logits, labels, weights), int(labels.ne(IGNORE_INDEX).sum()), units
     raise ValueError(
         f"cannot tell how to compute the loss for logits of shape {tuple(logits.shape)} and labels of "
         f"shape {tuple(labels.shape)}; pass loss_fn=(outputs, targets) -> summed loss"
     )
 
 
-def sampled_label_loss(outputs, token_mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+def sampled_label_loss(outputs, token_mask: torch.Tensor | None, generator: torch.Generator,
+                       weighting: str = "token", batch_total: int | None = None) -> tuple[torch.Tensor, int]:
     """True-Fisher loss: cross-entropy against labels drawn from the model's own prediction.
 
     Token-level logits (B, T, V): one label per counted token; sequence-level (B, C): one per
-    sample. Sampling is done without gradient; the loss is summed.
+    sample. Sampling is done without gradient, a chunk of rows at a time; the per-position losses
+    are weighted as :func:`loss_weights` says. Returns ``(loss, number of loss units)``.
     """
-    logits = _logits(outputs).float()
+    logits = _logits(outputs)
     flat = logits.reshape(-1, logits.shape[-1])
+    sampled = torch.empty(flat.shape[0], dtype=torch.long)
     with torch.no_grad():
-        probs = torch.softmax(flat, dim=-1)
-        sampled = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(flat.device)
+        for rows in _row_chunks(flat):
+            probs = torch.softmax(flat[rows].float(), dim=-1).cpu()
+            sampled[rows] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    sampled = sampled.to(flat.device)
     if logits.dim() == 3 and token_mask is not None:
         sampled = sampled.masked_fill(~token_mask.reshape(-1), IGNORE_INDEX)
-    return F.cross_entropy(flat, sampled, ignore_index=IGNORE_INDEX, reduction="sum")
+    labels = sampled.reshape(logits.shape[:-1])
+    weights, units = loss_weights(labels, weighting, batch_total)
+    return weighted_cross_entropy(flat, sampled, weights.reshape(-1)), units

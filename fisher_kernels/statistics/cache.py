@@ -2,7 +2,7 @@
 
 Header (safetensors metadata, all strings): format, package version, model class, model
 fingerprint, layer names, per-layer token counts, which layers share an input factor, batch and
-sequence counts, fisher and token-mask settings, dtype. Shared input factors are stored once.
+sequence counts, fisher, token-mask and loss-weighting settings, dtype. Shared input factors are stored once.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def save_statistics(stats: KFACStatistics, path) -> None:
         "num_sequences": str(stats.num_sequences),
         "fisher": stats.fisher,
         "token_mask": stats.token_mask,
+        "loss_weighting": stats.loss_weighting,
+        "loss_units": str(stats.loss_units),
         "dtype": "float32",
     }
     save_file(tensors, str(path), metadata=metadata)
@@ -81,7 +83,9 @@ def load_statistics(path, model: nn.Module | None = None, device=None) -> KFACSt
         layers[name].input_factor = layers[owner].input_factor
     return KFACStatistics(layers=layers, num_batches=int(metadata["num_batches"]),
                           num_sequences=int(metadata["num_sequences"]), fisher=metadata["fisher"],
-                          token_mask=metadata["token_mask"], fingerprint=metadata["fingerprint"] or None)
+                          token_mask=metadata["token_mask"], fingerprint=metadata["fingerprint"] or None,
+                          loss_weighting=metadata.get("loss_weighting", "token"),
+                          loss_units=int(metadata.get("loss_units", "0")))
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

@@ -1,4 +1,4 @@
-"""One calibration pass that accumulates the K-FAC statistics methods ask for (SPEC §2).
+"""One calibration pass that accumulates the K-FAC statistics methods ask for.
 
 A forward hook on each target layer updates the input-side sums from the layer input and
 registers a tensor hook on the layer output; that tensor hook updates the output-side sums
@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..layers import layer_dims
+from ..layers import layer_dims, weight_matrix
 from ..ops import get_ops
-from .batches import is_causal_lm, prepare_batch, sampled_label_loss, summed_model_loss
+from .batches import (LOSS_WEIGHTINGS, counted_labels, is_causal_lm, prepare_batch, sampled_label_loss, split_batch,
+                      summed_model_loss)
 from .containers import KFACStatistics, LayerStatistics, StatisticsRequest, model_fingerprint
 from .model_state import PreservedModelState
 
@@ -31,7 +32,7 @@ class _LayerAccumulator:
     def __init__(self, name: str, module: nn.Module, request: StatisticsRequest, device):
         self.name, self.module, self.request = name, module, request
         d_out, d_in = layer_dims(module)
-        self.d_in = d_in
+        self.d_in, self.d_out = d_in, d_out
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=device)  # noqa: E731
         self.num_tokens = 0
         self.input_factor = zeros(d_in, d_in) if request.input_factor else None
@@ -40,10 +41,39 @@ class _LayerAccumulator:
         self.gradient = zeros(d_out, d_in) if request.gradient else None
         self.input_basis = None if request.input_basis is None else request.input_basis.to(device, torch.float32)
         self.output_basis = None if request.output_basis is None else request.output_basis.to(device, torch.float32)
-        self.input_projected_energy = None if self.input_basis is None else zeros(self.input_basis.shape[1])
-        self.output_projected_energy = None if self.output_basis is None else zeros(self.output_basis.shape[1])
+        singular = request.singular_basis
+        self.singular_side = None if singular is None else singular.side
+        if singular is not None:  # kept in its own (possibly compact) dtype; widened per batch
+            vectors = singular.vectors.to(device)
+            self.input_basis = vectors if singular.side == "input" else None
+            self.output_basis = vectors if singular.side == "output" else None
+            self.singular_values = singular.values.to(device, torch.float32)
+        energy_sizes = (request.input_energy_size, request.output_energy_size)
+        self.input_projected_energy = None if energy_sizes[0] is None else zeros(energy_sizes[0])
+        self.output_projected_energy = None if energy_sizes[1] is None else zeros(energy_sizes[1])
         self.shared_with: str | None = None
         self.sharing_decided = False
+
+    def weight(self) -> torch.Tensor:
+        """The layer's ``W (d_out, d_in)`` in fp32 (a copy only when the model is not fp32)."""
+        return weight_matrix(self.module).detach().float()
+
+    def weight_times_input(self, rows: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``W x`` for every row (N, d_out) in fp32 or wider. For fp32/fp64 layers it is the layer's own
+        output less its bias (no GEMM); narrower outputs are rounded, so it is recomputed in fp32."""
+        bias = getattr(self.module, "bias", None)
+        if output.dtype in (torch.float32, torch.float64) and output.shape[-1] == self.d_out:
+            z = output.detach().reshape(-1, self.d_out)
+            return z if bias is None else z - bias.detach()
+        return rows.float() @ self.weight().T
+
+    def divide_by_singular_values_squared(self, energy: torch.Tensor) -> None:
+        """``Σ (wᵀ z)²`` with ``w`` the other side's unnormalised vector (``W v`` or ``Wᵀ u``)
+        becomes the energy of the unit vector ``w / σ``. σ is floored at σ_max · eps(fp32), so a
+        zero singular value gives a zero energy instead of a division by zero."""
+        S = self.singular_values
+        floor = S.max().clamp_min(torch.finfo(torch.float32).tiny) * torch.finfo(torch.float32).eps
+        energy.div_(torch.maximum(S, floor).square())
 
 
 class _StatisticsHooks:
@@ -102,7 +132,10 @@ class _StatisticsHooks:
             if req.input_factor and self._owns_input_factor(layer, args[0]):
                 self.ops.masked_syrk_(layer.input_factor, rows, mask)
             if layer.input_basis is not None:
-                self.ops.masked_projected_energy_(layer.input_projected_energy, rows, layer.input_basis, mask)
+                self.ops.masked_projected_energy_(layer.input_projected_energy, rows, layer.input_basis.float(), mask)
+            elif layer.singular_side == "output":  # V = Wᵀ U / S: project W x onto U
+                self.ops.masked_projected_energy_(layer.input_projected_energy, layer.weight_times_input(rows, output),
+                                                  layer.output_basis.float(), mask)
             if req.needs_output_gradient:
                 if not output.requires_grad:
                     output.requires_grad_(True)
@@ -120,7 +153,10 @@ class _StatisticsHooks:
             if layer.gradient is not None:
                 self.ops.masked_outer_(layer.gradient, g, rows, mask)
             if layer.output_basis is not None:
-                self.ops.masked_projected_energy_(layer.output_projected_energy, g, layer.output_basis, mask)
+                self.ops.masked_projected_energy_(layer.output_projected_energy, g, layer.output_basis.float(), mask)
+            elif layer.singular_side == "input":  # U = W V / S: project Wᵀ g onto V
+                self.ops.masked_projected_energy_(layer.output_projected_energy, g.float() @ layer.weight(),
+                                                  layer.input_basis.float(), mask)
 
         return hook
 
@@ -151,12 +187,29 @@ class _StatisticsHooks:
             layer.num_tokens = count
         return counts[len(self.layers):]
 
-    def finalize(self) -> dict[str, LayerStatistics]:
-        out, normalised, symmetrised = {}, {}, set()
+    def finalize(self, loss_units: int, per_token: bool = True) -> dict[str, LayerStatistics]:
+        """Normalised statistics per layer: sums divided by the layer's counted tokens (the mean
+        gradient by ``loss_units``, sequences or batches, unless ``per_token``)."""
         for name, layer in self.layers.items():
             if layer.num_tokens == 0:
-                raise ValueError(f"layer {name!r} saw no counted token: every token of every batch was masked")
+                raise ValueError(f"layer {name!r} saw no counted token: every token of every batch was masked, "
+                                 "or the layer never ran in the forward pass")
+        if loss_units == 0 and any(layer.request.needs_output_gradient for layer in self.layers.values()):
+            raise ValueError("no position of any calibration batch contributes to the loss (every label is -100, "
+                             "or no batch has a label): there is no gradient to measure curvature from")
+        gradient_units = None if per_token else loss_units
+        out, normalised, symmetrised = {}, {}, set()
+        for name, layer in self.layers.items():
             n = float(layer.num_tokens)
+            if layer.request.needs_output_gradient and not any(
+                    t is not None and bool(t.any()) for t in (layer.output_factor, layer.output_factor_diag,
+                                                              layer.gradient, layer.output_projected_energy)):
+                raise ValueError(f"layer {name!r}: the loss has no gradient at this layer's output (all-zero "
+                                 "statistics): the layer does not influence the counted loss positions")
+            if layer.singular_side == "input":
+                layer.divide_by_singular_values_squared(layer.output_projected_energy)
+            elif layer.singular_side == "output":
+                layer.divide_by_singular_values_squared(layer.input_projected_energy)
 
             def mean(t):
                 if t is None:
@@ -170,7 +223,8 @@ class _StatisticsHooks:
                 input_factor=mean(layer.input_factor),
                 output_factor=mean(layer.output_factor),
                 output_factor_diag=mean(layer.output_factor_diag),
-                gradient=mean(layer.gradient),
+                gradient=None if layer.gradient is None else (
+                    mean(layer.gradient) if gradient_units is None else layer.gradient.div_(gradient_units)),
                 input_projected_energy=mean(layer.input_projected_energy),
                 output_projected_energy=mean(layer.output_projected_energy),
                 input_factor_shared_with=layer.shared_with,
@@ -182,9 +236,22 @@ class _StatisticsHooks:
                 t = getattr(stats, key)
                 if t is not None and id(t) not in symmetrised:
                     symmetrised.add(id(t))
-                    t.copy_(torch.triu(t) + torch.triu(t, 1).T)
+                    symmetrize_from_upper_(t)
             out[name] = stats
         return out
+
+
+def symmetrize_from_upper_(matrix: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Copy the upper triangle of a square matrix onto its lower triangle, in place, one block
+    of rows at a time (temporaries of ``block × d``, never a second ``d × d`` matrix)."""
+    d = matrix.shape[0]
+    for start in range(0, d, block):
+        stop = min(start + block, d)
+        diagonal = matrix[start:stop, start:stop]
+        diagonal.copy_(torch.triu(diagonal) + torch.triu(diagonal, 1).T)
+        if stop < d:
+            matrix[stop:, start:stop].copy_(matrix[start:stop, stop:].T)
+    return matrix
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -205,6 +272,8 @@ def collect_statistics(
     backend: str = "auto",
     progress: bool = True,
     seed: int = 0,
+    loss_weighting: str = "token",
+    micro_batch_size: int | None = None,
 ) -> KFACStatistics:
     """Run one calibration pass over ``loader`` and return the requested statistics.
 
@@ -223,6 +292,15 @@ def collect_statistics(
             model's predictive distribution, seeded by ``seed``).
         num_batches: stop after this many batches.
         backend: statistics backend, see :func:`fisher_kernels.backends`.
+        loss_weighting: how the back-propagated loss weights positions: ``"token"`` (default:
+            the sum over counted labels, so statistics do not depend on batching), ``"sequence"``
+            (sum over sequences of each one's mean loss, LoRA-DA's reference) or ``"batch"``
+            (each batch's mean loss, LoRA-GA's reference). With ``"sequence"``/``"batch"`` the
+            mean gradient is divided by the number of sequences/batches instead of tokens; the
+            other statistics stay per token. A custom ``loss_fn`` always counts as ``"token"``.
+        micro_batch_size: run each batch as forward+backward passes of at most this many
+            sequences (same statistics, fewer activations held at once: the calibration pass
+            costs about what one micro-batch's forward+backward does).
 
     Under ``torch.distributed`` (each rank iterating its own shard of the data), the sums and
     token counts are all-reduced once at the end, so every rank returns the statistics of the
@@ -243,12 +321,19 @@ def collect_statistics(
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise ValueError("gradient checkpointing is on: its recomputed forward passes would be counted twice; "
                          "call model.gradient_checkpointing_disable() for the calibration pass")
-    requests = {name: req for name, req in requests.items() if not req.is_empty}
+    if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int)
+                                         or micro_batch_size < 1):
+        raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+    requests = {name: req for name, req in requests.items() if req is not None and not req.is_empty}
+    needs_gradients = any(req.needs_output_gradient for req in requests.values())
     device = _model_device(model)
     ops = get_ops(backend, device)
     causal = is_causal_lm(model)
     generator = torch.Generator().manual_seed(seed)
-    stats = KFACStatistics(fisher=fisher, token_mask=token_mask)
+    stats = KFACStatistics(fisher=fisher, token_mask=token_mask,
+                           loss_weighting="token" if loss_fn is not None else loss_weighting)
 
     batches = loader if num_batches is None else itertools.islice(loader, num_batches)
     total = num_batches
@@ -269,12 +354,24 @@ def collect_statistics(
                     break
                 prepared = prepare_batch(batch, index, device, token_mask=token_mask,
                                          needs_labels=loss_fn is None and fisher == "empirical", causal=causal)
-                hooks.start_batch(prepared.token_mask, index)
-                loss = _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check=index == 0)
-                if not torch.isfinite(loss):
-                    raise ValueError(f"batch {index}: the loss is not finite ({loss.item()})")
-                if requests and loss.requires_grad:
-                    loss.backward()
+                parts = split_batch(prepared, micro_batch_size)
+                batch_total = None
+                if len(parts) > 1 and loss_weighting == "batch" and loss_fn is None:
+                    batch_total = counted_labels(prepared, causal=causal, sampled=fisher == "true")
+                    stats.loss_units += int(batch_total > 0)
+                for part_index, part in enumerate(parts):
+                    hooks.start_batch(part.token_mask, index)
+                    loss, units = _summed_loss(model, part, loss_fn, fisher, generator, causal,
+                                               index == 0 and part_index == 0, loss_weighting, batch_total)
+                    if not torch.isfinite(loss):
+                        raise ValueError(f"batch {index}: the loss is not finite ({loss.item()})")
+                    if needs_gradients and (units > 0 or batch_total):
+                        if not loss.requires_grad:
+                            raise ValueError(f"batch {index}: the loss does not depend on the model's outputs through "
+                                             "autograd (computed under no_grad, or detached), so it has no gradient")
+                        loss.backward()
+                    stats.loss_units += units
+                    del loss
             except Exception as err:
                 located = _with_batch_index(err, index)
                 if located is err:
@@ -285,10 +382,11 @@ def collect_statistics(
             stats.num_sequences += prepared.num_sequences
         bar.close()
         if _distributed():
-            stats.num_batches, stats.num_sequences = hooks.all_reduce([stats.num_batches, stats.num_sequences])
+            stats.num_batches, stats.num_sequences, stats.loss_units = hooks.all_reduce(
+                [stats.num_batches, stats.num_sequences, stats.loss_units])
         if stats.num_batches == 0:
             raise ValueError("the calibration loader yielded no batch")
-        stats.layers = hooks.finalize()
+        stats.layers = hooks.finalize(stats.loss_units, per_token=loss_weighting == "token" or loss_fn is not None)
     stats.fingerprint = model_fingerprint(model, list(stats.layers))
     return stats
 
@@ -312,7 +410,9 @@ def _with_batch_index(err: Exception, index: int) -> Exception:
     return err
 
 
-def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check) -> torch.Tensor:
+def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check, weighting,
+                 batch_total=None) -> tuple[torch.Tensor, int]:
+    """The batch's calibration loss (weighted per ``weighting``) and its number of loss units."""
     labels = prepared.targets
     use_model_loss_check = check and loss_fn is None and fisher == "empirical"
     kwargs = dict(prepared.kwargs)
@@ -320,22 +420,33 @@ def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check) -> 
         kwargs["labels"] = labels
     outputs = model(*prepared.args, **kwargs)
     if fisher == "true":
-        return sampled_label_loss(outputs, prepared.token_mask, generator)
+        return sampled_label_loss(outputs, prepared.token_mask, generator, weighting, batch_total)
     if loss_fn is not None:
         loss = loss_fn(outputs, labels)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
-        return loss
-    loss, count = summed_model_loss(outputs, labels, causal=causal)
+        return loss, _token_count(prepared)
+    loss, count, units = summed_model_loss(outputs, labels, causal=causal, weighting=weighting, batch_total=batch_total)
     model_loss = getattr(outputs, "loss", None)
     if use_model_loss_check and model_loss is not None and count > 0:
-        mean = loss.item() / count
-        if not math.isclose(mean, model_loss.item(), rel_tol=2e-2, abs_tol=1e-4):
+        model_loss = model_loss.item()
+        outputs["loss"] = None  # frees the graph of the model's own loss before our backward pass
+        with torch.no_grad():
+            plain = loss if weighting == "token" else summed_model_loss(outputs, labels, causal=causal)[0]
+        mean = plain.item() / count
+        if not math.isclose(mean, model_loss, rel_tol=2e-2, abs_tol=1e-4):
             raise ValueError(
                 f"the summed loss recomputed from logits ({mean:.6g} per token) does not match the model's "
-                f"own loss ({model_loss.item():.6g}); pass loss_fn=(outputs, targets) -> summed loss"
+                f"own loss ({model_loss:.6g}); pass loss_fn=(outputs, targets) -> summed loss"
             )
-    return loss
+    return loss, units
+
+
+def _token_count(prepared) -> int:
+    """Counted tokens of a batch (the loss units of a user's summed ``loss_fn``)."""
+    if prepared.token_mask is not None:
+        return int(prepared.token_mask.sum())
+    return prepared.num_sequences
 
 
 def full_statistics_requests(model: nn.Module, target_modules=None) -> dict[str, StatisticsRequest]:

@@ -10,6 +10,33 @@ from torch import nn
 
 
 @dataclass
+class SingularBasis:
+    """One side of a layer's (possibly truncated) thin SVD ``W = U diag(S) Vᵀ``; the other side is
+    implied by the weight: ``U = W V / S`` or ``V = Wᵀ U / S``.
+
+    Holding only the smaller side keeps a projection basis at ``min(d_out, d_in)²`` entries
+    instead of ``(d_out + d_in) · min(d_out, d_in)``; the collector recovers the projections onto
+    the other side from the layer's own weight (one GEMM per batch, the cost of the projection
+    it replaces).
+    """
+
+    side: str              # "input": vectors are V (d_in, m); "output": vectors are U (d_out, m)
+    vectors: torch.Tensor  # (d_in, m) or (d_out, m), orthonormal columns, any float dtype
+    values: torch.Tensor   # S (m,) fp32, descending
+
+    def __post_init__(self):
+        if self.side not in ("input", "output"):
+            raise ValueError(f"side must be 'input' or 'output', got {self.side!r}")
+
+    @property
+    def num_candidates(self) -> int:
+        return self.vectors.shape[1]
+
+    def nbytes(self) -> int:
+        return self.vectors.numel() * self.vectors.element_size() + self.values.numel() * self.values.element_size()
+
+
+@dataclass
 class StatisticsRequest:
     """Statistics one layer's method consumes; the collector accumulates exactly these.
 
@@ -23,29 +50,45 @@ class StatisticsRequest:
     gradient: bool = False            # ∇W = Σ g xᵀ / N                (d_out, d_in)
     input_basis: torch.Tensor | None = None   # V (d_in, m): accumulate Σ (Vᵀ x)² / N   (m,)
     output_basis: torch.Tensor | None = None  # U (d_out, m): accumulate Σ (Uᵀ g)² / N  (m,)
+    # both projected energies diag(Vᵀ A V) and diag(Uᵀ G U) of a thin SVD held on one side only
+    singular_basis: SingularBasis | None = None
 
     @property
     def needs_output_gradient(self) -> bool:
-        return self.output_factor or self.output_factor_diag or self.gradient or self.output_basis is not None
+        return (self.output_factor or self.output_factor_diag or self.gradient or self.output_basis is not None
+                or self.singular_basis is not None)
 
     @property
     def is_empty(self) -> bool:
         return not (self.input_factor or self.input_basis is not None or self.needs_output_gradient)
 
+    @property
+    def input_energy_size(self) -> int | None:
+        """Length of the input projected energy this request yields (None: not requested)."""
+        if self.input_basis is not None:
+            return self.input_basis.shape[1]
+        return None if self.singular_basis is None else self.singular_basis.num_candidates
+
+    @property
+    def output_energy_size(self) -> int | None:
+        """Length of the output projected energy this request yields (None: not requested)."""
+        if self.output_basis is not None:
+            return self.output_basis.shape[1]
+        return None if self.singular_basis is None else self.singular_basis.num_candidates
+
     def nbytes(self, d_out: int, d_in: int) -> int:
         """fp32 bytes the collector holds for this request (shared input factors not deducted)."""
         floats = (d_in * d_in * self.input_factor + d_out * d_out * self.output_factor
                   + d_out * self.output_factor_diag + d_out * d_in * self.gradient)
-        floats += 0 if self.input_basis is None else self.input_basis.shape[1]
-        floats += 0 if self.output_basis is None else self.output_basis.shape[1]
+        floats += (self.input_energy_size or 0) + (self.output_energy_size or 0)
         return 4 * floats
 
     def missing_in(self, layer: "LayerStatistics") -> list[str]:
         """Names of requested statistics that ``layer`` does not hold."""
         wanted = {"input_factor": self.input_factor, "output_factor": self.output_factor,
                   "output_factor_diag": self.output_factor_diag, "gradient": self.gradient,
-                  "input_projected_energy": self.input_basis is not None,
-                  "output_projected_energy": self.output_basis is not None}
+                  "input_projected_energy": self.input_energy_size is not None,
+                  "output_projected_energy": self.output_energy_size is not None}
         return [key for key, needed in wanted.items() if needed and getattr(layer, key) is None]
 
 
@@ -61,7 +104,7 @@ class LayerStatistics:
     input_factor: torch.Tensor | None = None             # (d_in, d_in) fp32, symmetric
     output_factor: torch.Tensor | None = None            # (d_out, d_out) fp32, symmetric
     output_factor_diag: torch.Tensor | None = None       # (d_out,)
-    gradient: torch.Tensor | None = None                 # (d_out, d_in) mean gradient
+    gradient: torch.Tensor | None = None                 # (d_out, d_in) mean gradient (per token, sequence or batch)
     input_projected_energy: torch.Tensor | None = None   # (m,) diag(Vᵀ A V)
     output_projected_energy: torch.Tensor | None = None  # (m,) diag(Uᵀ G U)
     input_factor_shared_with: str | None = None           # owner layer when the input is shared
@@ -81,6 +124,8 @@ class KFACStatistics:
     num_sequences: int = 0
     fisher: str = "empirical"
     token_mask: str = "attention"
+    loss_weighting: str = "token"  # see collect_statistics: the loss the gradients are of
+    loss_units: int = 0            # counted labels, sequences or batches of that loss
     fingerprint: str | None = None  # of the model's target layers, see model_fingerprint
 
     def save(self, path) -> None:

@@ -1,0 +1,74 @@
+"""Predicted peak memory of every method for Llama-3-8B and Llama-3-70B shapes (meta device, no weights).
+
+    python -m benchmarks.memory_estimates [--batch-size 8 --seq-len 512 --r 16 --dtype bf16]
+
+Builds each model on the ``meta`` device from its published configuration (no download), runs
+:func:`fisher_kernels.estimate_memory` for every method of the package, and prints a markdown
+table: the peak in GiB (model included) and its stages, and the smallest of 40/80/141 GiB GPUs it
+fits on (with a 5 % margin for the CUDA context and the allocator).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+CONFIGS = {
+    "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256),
+    "Llama-3-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256),
+}
+METHODS = ["filet", "lora_da", "lora_ga", "pissa", "milora", "kasa", "gaussian"]
+GPUS = [(40, "A100 40GB"), (80, "A100/H100 80GB"), (141, "H200 141GB")]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def meta_llama(name: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**CONFIGS[name], max_position_embeddings=8192, torch_dtype=dtype)
+    with torch.device("meta"):
+        return LlamaForCausalLM(config).to(dtype)
+
+
+def smallest_gpu(peak_bytes: int) -> str:
+    for gib, label in GPUS:
+        if peak_bytes <= 0.95 * gib * 2**30:
+            return label
+    return "none (shard the model or use max_stats_memory / smaller batches)"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--models", default=",".join(CONFIGS))
+    args = parser.parse_args(argv)
+    from fisher_kernels import estimate_memory
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    lines = [f"Calibration batches of {args.batch_size}×{args.seq_len} tokens, r = {args.r}, {args.dtype} weights, "
+             "all seven linear layers of every block targeted. GiB.", "",
+             "| model | method | peak | model | activations | statistics | bases | temporaries | fits on |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    rows = []
+    for name in args.models.split(","):
+        model = meta_llama(name, dtype)
+        for method in METHODS:
+            e = estimate_memory(model, method=method, r=args.r, batch_size=args.batch_size, seq_len=args.seq_len,
+                                target_modules=TARGETS)
+            s = {k: v / 2**30 for k, v in e.stages.items()}
+            rows.append({"model": name, "method": method, "peak_bytes": e.peak_bytes, "stages": e.stages})
+            lines.append(f"| {name} | {method} | {e.peak_bytes / 2**30:.1f} | {s['model']:.1f} | {s['activations']:.1f} | "
+                         f"{s['statistics']:.1f} | {s['bases']:.1f} | {s['temporaries']:.2f} | "
+                         f"{smallest_gpu(e.peak_bytes)} |")
+    print("\n".join(lines))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
