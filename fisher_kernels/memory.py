@@ -116,6 +116,7 @@ def pass_activation_bytes(model: nn.Module, names: list[str], init_method, batch
     tensors; the gradient of the logits; the hooks' largest per-batch temporaries), and the names
     of the layers that read the same input tensor as an earlier one."""
     from .layers import layer_dims
+    from .statistics.collector import WEIGHT_ROWS
 
     tokens = batch_size * seq_len
     saved, shares_input = _saved_tensor_bytes(model, names, batch_size, seq_len,
@@ -124,7 +125,7 @@ def pass_activation_bytes(model: nn.Module, names: list[str], init_method, batch
     hook = 0
     for name in names:
         d_out, d_in = layer_dims(model.get_submodule(name))
-        weight_copy = 4 * d_out * d_in if dtype_size < 4 and init_method.needs_statistics() else 0
+        weight_copy = 4 * min(d_out, WEIGHT_ROWS) * d_in if dtype_size < 4 else 0
         # x (or g) in fp32, its product with W, and the projection onto the basis
         hook = max(hook, weight_copy + 4 * tokens * (d_in + d_out + min(d_out, d_in)))
     return saved + hook, shares_input

@@ -26,6 +26,9 @@ from .model_state import PreservedModelState
 logger = logging.getLogger(__name__)
 
 
+WEIGHT_ROWS = 512  # rows of a bf16/fp16 weight widened to fp32 at a time in the hooks
+
+
 class _LayerAccumulator:
     """Running fp32 sums of one layer (un-normalised)."""
 
@@ -54,18 +57,31 @@ class _LayerAccumulator:
         self.shared_with: str | None = None
         self.sharing_decided = False
 
-    def weight(self) -> torch.Tensor:
-        """The layer's ``W (d_out, d_in)`` in fp32 (a copy only when the model is not fp32)."""
-        return weight_matrix(self.module).detach().float()
-
     def weight_times_input(self, rows: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``W x`` for every row (N, d_out) in fp32 or wider. For fp32/fp64 layers it is the layer's own
-        output less its bias (no GEMM); narrower outputs are rounded, so it is recomputed in fp32."""
+        output less its bias (no GEMM); narrower outputs are rounded, so it is recomputed in fp32,
+        reading W in fp32 blocks of ``WEIGHT_ROWS`` rows (no fp32 copy of the whole weight)."""
         bias = getattr(self.module, "bias", None)
         if output.dtype in (torch.float32, torch.float64) and output.shape[-1] == self.d_out:
             z = output.detach().reshape(-1, self.d_out)
             return z if bias is None else z - bias.detach()
-        return rows.float() @ self.weight().T
+        W, x = weight_matrix(self.module).detach(), rows.float()
+        z = torch.empty(x.shape[0], self.d_out, dtype=torch.float32, device=x.device)
+        for start in range(0, self.d_out, WEIGHT_ROWS):
+            block = slice(start, start + WEIGHT_ROWS)
+            torch.mm(x, W[block].float().T, out=z[:, block])
+        return z
+
+    def weight_transpose_times_gradient(self, g: torch.Tensor) -> torch.Tensor:
+        """``Wᵀ g`` for every row (N, d_in) in fp32, reading W in fp32 blocks of ``WEIGHT_ROWS`` rows."""
+        W, g = weight_matrix(self.module).detach(), g.float()
+        if W.dtype in (torch.float32, torch.float64):
+            return g @ W.to(g.dtype)
+        h = torch.zeros(g.shape[0], self.d_in, dtype=torch.float32, device=g.device)
+        for start in range(0, self.d_out, WEIGHT_ROWS):
+            block = slice(start, start + WEIGHT_ROWS)
+            h.addmm_(g[:, block], W[block].float())
+        return h
 
     def divide_by_singular_values_squared(self, energy: torch.Tensor) -> None:
         """``Σ (wᵀ z)²`` with ``w`` the other side's unnormalised vector (``W v`` or ``Wᵀ u``)
@@ -155,7 +171,7 @@ class _StatisticsHooks:
             if layer.output_basis is not None:
                 self.ops.masked_projected_energy_(layer.output_projected_energy, g, layer.output_basis.float(), mask)
             elif layer.singular_side == "input":  # U = W V / S: project Wᵀ g onto V
-                self.ops.masked_projected_energy_(layer.output_projected_energy, g.float() @ layer.weight(),
+                self.ops.masked_projected_energy_(layer.output_projected_energy, layer.weight_transpose_times_gradient(g),
                                                   layer.input_basis.float(), mask)
 
         return hook
