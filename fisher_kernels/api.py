@@ -58,7 +58,7 @@ def _check_model(model) -> None:
         raise TypeError("model already holds LoRA layers; pass the base model, not a PeftModel")
 
 
-def plan_layer_groups(model: nn.Module, layer_bytes: dict[str, int], max_stats_memory: int | None) -> list[list[str]]:
+def plan_layer_groups(layer_bytes: dict[str, int], max_stats_memory: int | None) -> list[list[str]]:
     """Consecutive groups of layers whose held bytes (``{name: bytes}``: statistics and bases from
     before the pass until the layer is initialised) fit in ``max_stats_memory`` (all layers in
     one group when no budget is given)."""
@@ -200,7 +200,7 @@ def compute_initialization(
         budget, report.memory_plan = _resolve_budget(model, names, init_method, max_stats_memory, loader,
                                                      micro_batch_size)
         layer_bytes = {n: init_method.held_bytes(*layer_dims(model.get_submodule(n)), weights[n].dtype) for n in names}
-        groups = plan_layer_groups(model, layer_bytes, budget)
+        groups = plan_layer_groups(layer_bytes, budget)
         if len(groups) > 1 and iter(loader) is loader:
             raise ValueError(f"max_stats_memory={max_stats_memory} needs {len(groups)} passes over the data, "
                              "so the loader must be re-iterable (a DataLoader or a list, not a generator)")

@@ -37,12 +37,6 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.T
 
 
-@torch.no_grad()
-def set_weight_matrix(module: nn.Module, value: torch.Tensor) -> None:
-    """Write ``value`` (d_out, d_in) into the layer's weight, in the weight's dtype."""
-    weight_matrix(module).copy_(value.to(module.weight.dtype))
-
-
 def resolve_target_modules(model: nn.Module, target_modules=None) -> list[str]:
     """Names of the layers to adapt, in model order.
 
