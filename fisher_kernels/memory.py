@@ -89,24 +89,18 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
         module = model.get_submodule(name)
         d_out, d_in = layer_dims(module)
         dtype = module.weight.dtype
-        basis = _basis_bytes(init_method, d_out, d_in, dtype)
+        basis = init_method.basis_bytes(d_out, d_in, dtype)
         bases += basis
         statistics += init_method.held_bytes(d_out, d_in, dtype) - basis
         if name in shares_input and init_method.shares_input_factor:
             statistics -= 4 * d_in * d_in  # one input factor for the layers that read the same input
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         update = 4 * min(d_out, UPDATE_ROWS) * d_in if itemsize < 4 else 0  # fp32 rows of the in-place base update
         temporaries = max(temporaries, init_method.temporary_bytes(d_out, d_in, dtype), update)
     stages = {"model": model_bytes, "activations": activations, "statistics": statistics, "bases": bases,
               "temporaries": temporaries, "runtime": RUNTIME_BYTES}
     peak = (model_bytes if model_resident else 0) + bases + statistics + max(activations, temporaries) + RUNTIME_BYTES
     return MemoryEstimate(peak_bytes=int(peak), stages=stages, method=init_method.name, num_layers=len(names))
-
-
-def _basis_bytes(init_method, d_out: int, d_in: int, dtype) -> int:
-    """The part of ``held_bytes`` that is the method's prepared data rather than statistics."""
-    basis = getattr(init_method, "basis_bytes", None)
-    return basis(d_out, d_in, dtype) if basis is not None else 0
 
 
 def pass_activation_bytes(model: nn.Module, names: list[str], init_method, batch_size: int,

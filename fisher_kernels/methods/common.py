@@ -219,6 +219,10 @@ class InitMethod:
         (prepared data and fp32 statistics; shared input factors not deducted), for planning."""
         return 0
 
+    def basis_bytes(self, d_out: int, d_in: int, dtype: torch.dtype) -> int:
+        """The part of ``held_bytes`` that is prepared data (e.g. FILet's singular vectors), not statistics."""
+        return 0
+
     def temporary_bytes(self, d_out: int, d_in: int, dtype: torch.dtype) -> int:
         """Peak bytes of the temporaries of one layer's ``prepare`` or initialisation, for planning."""
         return 0

@@ -84,15 +84,13 @@ class FILet(InitMethod):
     def held_bytes(self, d_out, d_in, dtype):
         if self.route == "full":
             return 4 * (d_in * d_in + d_out * d_out)
-        m = self._num_candidates(d_out, d_in)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return min(d_out, d_in) * m * itemsize + 3 * 4 * m  # basis; singular values and two energies
+        return self.basis_bytes(d_out, d_in, dtype) + 2 * 4 * self._num_candidates(d_out, d_in)  # and two energies
 
     def basis_bytes(self, d_out, d_in, dtype):
         if self.route == "full":
             return 0
         m = self._num_candidates(d_out, d_in)
-        return min(d_out, d_in) * m * torch.empty((), dtype=dtype).element_size() + 4 * m
+        return min(d_out, d_in) * m * dtype.itemsize + 4 * m
 
     def temporary_bytes(self, d_out, d_in, dtype):
         small, m = min(d_out, d_in), self._num_candidates(d_out, d_in)
