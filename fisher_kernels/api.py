@@ -190,7 +190,7 @@ def compute_initialization(
     for key in ("decomposition", "statistics", "initialization"):
         report.timings[key] = 0.0
 
-    needs_data = init_method.needs_statistics()
+    needs_data = init_method.needs_data
     if needs_data and statistics is None and loader is None:
         raise ValueError(f"method {method!r} needs calibration data: pass a loader")
     if not needs_data or statistics is not None:

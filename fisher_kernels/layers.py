@@ -37,6 +37,13 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.T
 
 
+def row_blocks(n: int, size: int):
+    """Slices ``[0, size), [size, 2·size), …`` covering ``range(n)``: the blocks of rows in which
+    large matrices (weights, logits) are widened to a higher precision without a full-size copy."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
 def resolve_target_modules(model: nn.Module, target_modules=None) -> list[str]:
     """Names of the layers to adapt, in model order.
 

@@ -82,7 +82,7 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
     names = resolve_target_modules(model, target_modules)
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     activations, shares_input = 0, set()
-    if init_method.needs_statistics():
+    if init_method.needs_data:
         activations, shares_input = pass_activation_bytes(model, names, init_method, batch_size, seq_len)
     statistics = bases = temporaries = 0
     for name in names:
@@ -94,8 +94,7 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
         statistics += init_method.held_bytes(d_out, d_in, dtype) - basis
         if name in shares_input and init_method.shares_input_factor:
             statistics -= 4 * d_in * d_in  # one input factor for the layers that read the same input
-        itemsize = dtype.itemsize
-        update = 4 * min(d_out, UPDATE_ROWS) * d_in if itemsize < 4 else 0  # fp32 rows of the in-place base update
+        update = 4 * min(d_out, UPDATE_ROWS) * d_in if dtype.itemsize < 4 else 0  # fp32 rows of the in-place base update
         temporaries = max(temporaries, init_method.temporary_bytes(d_out, d_in, dtype), update)
     stages = {"model": model_bytes, "activations": activations, "statistics": statistics, "bases": bases,
               "temporaries": temporaries, "runtime": RUNTIME_BYTES}
@@ -134,7 +133,7 @@ def _saved_tensor_bytes(model: nn.Module, names: list[str], batch_size: int, seq
     tensor as an earlier target layer's."""
     from torch.func import functional_call
 
-    from .statistics.batches import weighted_cross_entropy
+    from .statistics.batches import output_logits, weighted_cross_entropy
 
     meta = {n: torch.empty_like(t, device="meta") for n, t in [*model.named_parameters(), *model.named_buffers()]}
     parameter_ids = {id(t) for t in meta.values()}
@@ -165,7 +164,7 @@ def _saved_tensor_bytes(model: nn.Module, names: list[str], batch_size: int, seq
     try:
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.enable_grad():
             outputs = functional_call(model, meta, args=(), kwargs={"input_ids": ids})
-            logits = outputs["logits"] if isinstance(outputs, dict) or hasattr(outputs, "keys") else outputs.logits
+            logits = output_logits(outputs)
             flat = logits.reshape(-1, logits.shape[-1])
             weighted_cross_entropy(flat, torch.zeros(flat.shape[0], dtype=torch.long, device="meta"),
                                    torch.ones(flat.shape[0], device="meta"))

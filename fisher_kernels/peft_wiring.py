@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import weight_matrix
+from .layers import row_blocks, weight_matrix
 from .methods import LayerInit
 
 
@@ -77,8 +77,7 @@ def add_low_rank_(module: nn.Module, P: torch.Tensor, Q: torch.Tensor, alpha: fl
         W.addmm_(P.to(W.dtype), Q.to(W.dtype), alpha=alpha)
         return
     P, Q = P.float(), Q.float()
-    for start in range(0, W.shape[0], UPDATE_ROWS):  # fp32 temporaries of UPDATE_ROWS rows at a time
-        rows = slice(start, start + UPDATE_ROWS)
+    for rows in row_blocks(W.shape[0], UPDATE_ROWS):  # fp32 temporaries of UPDATE_ROWS rows at a time
         W[rows] = torch.addmm(W[rows].float(), P[rows], Q, alpha=alpha)
 
 

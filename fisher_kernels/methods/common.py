@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layers import row_blocks
 from ..statistics import KFACStatistics, SingularBasis, StatisticsRequest
 
 
@@ -120,9 +121,7 @@ def selected_triplets(W: torch.Tensor, driver: str, choose) -> tuple[torch.Tenso
     return (idx, *complete_triplets(W, basis, idx))
 
 
-def _row_chunks(n: int, chunk: int = 1024):
-    for start in range(0, n, chunk):
-        yield slice(start, min(start + chunk, n))
+ROWS_PER_BLOCK = 1024  # rows of W widened to float64 at a time
 
 
 def small_gram(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -130,7 +129,7 @@ def small_gram(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     the long side so that no full-size copy of W in ``dtype`` is made."""
     M = W if W.shape[0] > W.shape[1] else W.T  # (long, short), a view
     gram = torch.zeros(M.shape[1], M.shape[1], dtype=dtype, device=W.device)
-    for rows in _row_chunks(M.shape[0]):
+    for rows in row_blocks(M.shape[0], ROWS_PER_BLOCK):
         block = M[rows].to(dtype)
         gram.addmm_(block.T, block)
     return gram
@@ -167,12 +166,11 @@ def complete_triplets(W: torch.Tensor, basis: SingularBasis, idx: torch.Tensor):
     float64, chunk by chunk (σ floored at σ_max · eps(fp32))."""
     vectors = basis.vectors[:, idx].double()  # (d_short, r)
     S = basis.values[idx]
-    floor = basis.values.max().clamp_min(torch.finfo(torch.float32).tiny) * torch.finfo(torch.float32).eps
     M = W if basis.side == "input" else W.T  # (long, short): other side = M @ vectors / σ
     other = torch.empty(M.shape[0], vectors.shape[1], dtype=torch.float64, device=W.device)
-    for rows in _row_chunks(M.shape[0]):
+    for rows in row_blocks(M.shape[0], ROWS_PER_BLOCK):
         torch.mm(M[rows].double(), vectors, out=other[rows])
-    other = (other / torch.maximum(S, floor).double()).float()
+    other = (other / basis.floored_values()[idx].double()).float()
     vectors = vectors.float()
     return (other, S, vectors.T) if basis.side == "input" else (vectors, S, other.T)
 
@@ -210,9 +208,6 @@ class InitMethod:
         """The keyword options the method accepts."""
         params = inspect.signature(cls.__init__).parameters.values()
         return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
-
-    def needs_statistics(self) -> bool:
-        return self.needs_data
 
     def held_bytes(self, d_out: int, d_in: int, dtype: torch.dtype) -> int:
         """Bytes this method holds for one layer from ``prepare`` until its initialisation

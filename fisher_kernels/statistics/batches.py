@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..layers import row_blocks
+
 IGNORE_INDEX = -100
 
 
@@ -148,7 +150,8 @@ def is_causal_lm(model) -> bool:
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
-def _logits(outputs) -> torch.Tensor:
+def output_logits(outputs) -> torch.Tensor:
+    """The ``logits`` of a model's output (a mapping, an object with ``.logits``, or the tensor itself)."""
     logits = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", outputs)
     if not isinstance(logits, torch.Tensor):
         raise TypeError("the model's output has no 'logits'; pass loss_fn=... to say how to compute the loss")
@@ -188,9 +191,7 @@ CHUNK_ELEMENTS = 2**20  # fp32 temporaries of the loss: about 4 MiB per chunk of
 
 
 def _row_chunks(logits: torch.Tensor):
-    rows = max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1]))
-    for start in range(0, logits.shape[0], rows):
-        yield slice(start, start + rows)
+    return row_blocks(logits.shape[0], max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1])))
 
 
 class _WeightedCrossEntropy(torch.autograd.Function):
@@ -247,7 +248,7 @@ def summed_model_loss(outputs, labels: torch.Tensor, *, causal: bool, weighting:
     The per-position losses are weighted as :func:`loss_weights` says (``"token"``: their sum).
     Returns ``(loss, number of counted labels, number of loss units)``.
     """
-    logits = _logits(outputs)
+    logits = output_logits(outputs)
     if labels.dim() == logits.dim() - 1 and labels.shape == logits.shape[:-1]:
         if causal and labels.dim() == 2:
             labels = _shifted(labels)
@@ -277,7 +278,7 @@ def sampled_label_loss(outputs, token_mask: torch.Tensor | None, generator: torc
     sample. Sampling is done without gradient, a chunk of rows at a time; the per-position losses
     are weighted as :func:`loss_weights` says. Returns ``(loss, number of loss units)``.
     """
-    logits = _logits(outputs)
+    logits = output_logits(outputs)
     flat = logits.reshape(-1, logits.shape[-1])
     sampled = torch.empty(flat.shape[0], dtype=torch.long)
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..layers import layer_dims, weight_matrix
+from ..layers import layer_dims, row_blocks, weight_matrix
 from ..ops import get_ops
 from .batches import (LOSS_WEIGHTINGS, counted_labels, is_causal_lm, prepare_batch, sampled_label_loss, split_batch,
                       summed_model_loss)
@@ -50,7 +50,7 @@ class _LayerAccumulator:
             vectors = singular.vectors.to(device)
             self.input_basis = vectors if singular.side == "input" else None
             self.output_basis = vectors if singular.side == "output" else None
-            self.singular_values = singular.values.to(device, torch.float32)
+            self.singular_values = singular.floored_values().to(device, torch.float32)
         energy_sizes = (request.input_energy_size, request.output_energy_size)
         self.input_projected_energy = None if energy_sizes[0] is None else zeros(energy_sizes[0])
         self.output_projected_energy = None if energy_sizes[1] is None else zeros(energy_sizes[1])
@@ -67,8 +67,7 @@ class _LayerAccumulator:
             return z if bias is None else z - bias.detach()
         W, x = weight_matrix(self.module).detach(), rows.float()
         z = torch.empty(x.shape[0], self.d_out, dtype=torch.float32, device=x.device)
-        for start in range(0, self.d_out, WEIGHT_ROWS):
-            block = slice(start, start + WEIGHT_ROWS)
+        for block in row_blocks(self.d_out, WEIGHT_ROWS):
             torch.mm(x, W[block].float().T, out=z[:, block])
         return z
 
@@ -78,18 +77,14 @@ class _LayerAccumulator:
         if W.dtype in (torch.float32, torch.float64):
             return g @ W.to(g.dtype)
         h = torch.zeros(g.shape[0], self.d_in, dtype=torch.float32, device=g.device)
-        for start in range(0, self.d_out, WEIGHT_ROWS):
-            block = slice(start, start + WEIGHT_ROWS)
+        for block in row_blocks(self.d_out, WEIGHT_ROWS):
             h.addmm_(g[:, block], W[block].float())
         return h
 
     def divide_by_singular_values_squared(self, energy: torch.Tensor) -> None:
         """``Σ (wᵀ z)²`` with ``w`` the other side's unnormalised vector (``W v`` or ``Wᵀ u``)
-        becomes the energy of the unit vector ``w / σ``. σ is floored at σ_max · eps(fp32), so a
-        zero singular value gives a zero energy instead of a division by zero."""
-        S = self.singular_values
-        floor = S.max().clamp_min(torch.finfo(torch.float32).tiny) * torch.finfo(torch.float32).eps
-        energy.div_(torch.maximum(S, floor).square())
+        becomes the energy of the unit vector ``w / σ`` (σ floored, see ``SingularBasis.floored_values``)."""
+        energy.div_(self.singular_values.square())
 
 
 class _StatisticsHooks:

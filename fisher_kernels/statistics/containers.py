@@ -35,6 +35,12 @@ class SingularBasis:
     def nbytes(self) -> int:
         return self.vectors.numel() * self.vectors.element_size() + self.values.numel() * self.values.element_size()
 
+    def floored_values(self) -> torch.Tensor:
+        """S with every value raised to at least σ_max · eps(fp32), for dividing by: the other side
+        of a zero singular value then comes out zero instead of a division by zero."""
+        floor = self.values.max().clamp_min(torch.finfo(torch.float32).tiny) * torch.finfo(torch.float32).eps
+        return torch.maximum(self.values, floor)
+
 
 @dataclass
 class StatisticsRequest:
