@@ -13,7 +13,7 @@ only; the evaluation split is never seen before evaluation.
 
 Every method trains the same way: LoRA r = 8, alpha = 16 on the encoder's query/key/value/dense
 layers, the classifier head trained in full, AdamW at one learning rate, the same steps, batch
-size and data order per seed. Reported: evaluation loss and accuracy at fixed step counts, mean
+size and data order per seed (KaSA, ours and PEFT's, adds its regulariser ``_get_kasa_loss()``). Reported: evaluation loss and accuracy at fixed step counts, mean
 and standard deviation over seeds, as a markdown table and a PNG of the learning curves.
 """
 
@@ -30,7 +30,8 @@ from importlib import resources
 
 import torch
 
-METHODS = ["gaussian", "pissa", "milora", "kasa", "lora_ga", "filet", "filet_component", "lora_da"]
+METHODS = ["gaussian", "pissa", "milora", "kasa", "peft_kasa", "lora_ga", "filet", "filet_component", "lora_da"]
+KASA = ("kasa", "peft_kasa")  # trained with KaSA's regulariser added to the loss, as the paper does
 TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 
 
@@ -78,12 +79,15 @@ def load_model(num_labels: int, seed: int):
 
 
 def initialise(method, model, calibration, n_train, r, alpha):
-    from peft import LoraConfig, get_peft_model
+    from peft import KasaConfig, LoraConfig, get_peft_model
 
     from fisher_kernels import init_lora
 
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, modules_to_save=["classifier"])
     if method == "gaussian":
+        return get_peft_model(model, config)
+    if method == "peft_kasa":
+        config.kasa_config = KasaConfig()
         return get_peft_model(model, config)
     options = {}
     name = method
@@ -124,6 +128,8 @@ def run_one(method, seed, train, evaluation, calibration, args, num_labels):
         order_rng.shuffle(order)
         for batch in batches(train, args.batch_size, order):
             loss = peft_model(**batch).loss
+            if method in KASA:
+                loss = loss + peft_model._get_kasa_loss()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

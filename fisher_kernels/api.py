@@ -373,12 +373,13 @@ def init_lora(
     if conv1d and len(conv1d) != len(names):
         raise TypeError("target_modules mixes nn.Linear and Conv1D layers, which one PEFT config cannot express; "
                         f"target them in two calls (Conv1D: {conv1d[:3]}...)")
+    # checked before the pass: a config PEFT would refuse must not cost a calibration pass
+    config = make_lora_config(names, r, lora_alpha, lora_config, fan_in_fan_out=bool(conv1d), kasa=method == "kasa")
     report = compute_initialization(
         model, loader, method=method, r=r, scale=scale, target_modules=names, num_batches=num_batches,
         loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend, progress=progress, seed=seed,
         statistics=statistics, max_stats_memory=max_stats_memory, micro_batch_size=micro_batch_size, **method_options,
     )
-    config = make_lora_config(report.target_modules, r, lora_alpha, lora_config, fan_in_fan_out=bool(conv1d))
     t = time.perf_counter()
     peft_model = wrap_with_lora(model, report.layers, config, scale)
     try:

@@ -12,12 +12,22 @@ from .layers import row_blocks, weight_matrix
 from .methods import LayerInit
 
 
-def make_lora_config(target_names: list[str], r: int, lora_alpha: float, lora_config=None, fan_in_fan_out=False):
+def make_lora_config(target_names: list[str], r: int, lora_alpha: float, lora_config=None, fan_in_fan_out=False,
+                     kasa: bool = False):
     """A ``LoraConfig`` for exactly ``target_names`` (a copy of ``lora_config`` when given).
-    ``fan_in_fan_out`` must be True for GPT-2 ``Conv1D`` targets."""
-    from peft import LoraConfig
+    ``fan_in_fan_out`` must be True for GPT-2 ``Conv1D`` targets. ``kasa``: the adapters are PEFT's
+    KaSA variant (``lora_config.kasa_config`` if set, else ``KasaConfig()``)."""
+    from peft import KasaConfig, LoraConfig
 
     config = LoraConfig(r=r, lora_alpha=lora_alpha) if lora_config is None else copy.deepcopy(lora_config)
+    if kasa:
+        if fan_in_fan_out:
+            raise ValueError("method='kasa' needs nn.Linear targets: PEFT's KaSA does not support Conv1D "
+                             "(fan_in_fan_out) layers")
+        config.kasa_config = getattr(config, "kasa_config", None) or KasaConfig()
+    elif getattr(config, "kasa_config", None) is not None:
+        raise ValueError("lora_config.kasa_config is set, which makes PEFT truncate the base weights: use "
+                         "method='kasa', or a LoraConfig without kasa_config")
     if getattr(config, "use_dora", False):
         raise ValueError("lora_config.use_dora=True is not supported: DoRA rescales the adapter, "
                          "which would break the initialisation")
@@ -31,14 +41,22 @@ def make_lora_config(target_names: list[str], r: int, lora_alpha: float, lora_co
 
 @torch.no_grad()
 def wrap_with_lora(model: nn.Module, inits: dict[str, LayerInit], config, scale: float):
-    """``get_peft_model(model, config)`` then write each layer's ``lora_A``/``lora_B``.
+    """``get_peft_model(model, config)`` then write each layer's ``lora_A``/``lora_B`` (and KaSA's
+    ``lora_diag``).
 
     Base weights are not touched here (see :func:`apply_base_updates`). If anything fails, the
     LoRA layers are removed again, so the model is as it was.
+
+    KaSA (``config.kasa_config`` set): PEFT's KaSA variant truncates each base weight itself when
+    its adapter is created. That truncation is the method's own base update here, computed and
+    applied by :func:`apply_base_updates`; so the adapters are created on the ``meta`` device
+    (``low_cpu_mem_usage=True``), where PEFT defers its truncation, and each layer's adapter is
+    then materialised from the ``LayerInit`` and its deferred truncation cancelled.
     """
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, config)
+    kasa = getattr(config, "kasa_config", None) is not None
+    peft_model = get_peft_model(model, config, low_cpu_mem_usage=kasa)
     adapter = peft_model.active_adapter
     try:
         for name, init in inits.items():
@@ -46,6 +64,9 @@ def wrap_with_lora(model: nn.Module, inits: dict[str, LayerInit], config, scale:
             layer.train(layer.get_base_layer().training)  # new dropout modules follow the model's mode
             if not math.isclose(layer.scaling[adapter], scale, rel_tol=1e-9):
                 raise RuntimeError(f"layer {name!r}: PEFT's scaling {layer.scaling[adapter]} differs from {scale}")
+            if kasa:
+                _materialise_kasa_adapter(name, layer, adapter, init)
+                continue
             if init.lora_A is not None:
                 lora_A = layer.lora_A[adapter].weight
                 lora_A.copy_(init.lora_A.to(lora_A.device, lora_A.dtype))
@@ -56,6 +77,26 @@ def wrap_with_lora(model: nn.Module, inits: dict[str, LayerInit], config, scale:
         peft_model.unload()
         raise
     return peft_model
+
+
+def _materialise_kasa_adapter(name: str, layer: nn.Module, adapter: str, init: LayerInit) -> None:
+    """Replace the ``meta`` ``lora_A``/``lora_B``/``lora_diag`` of one KaSA layer by the
+    initialisation's values (device of the base weight, dtype PEFT chose) and cancel PEFT's
+    deferred truncation of its base weight (the method applies its own)."""
+    deferred = getattr(layer, "_lora_kasa_truncation_deferred", None)
+    if deferred is None or adapter not in deferred or not hasattr(layer, "lora_diag"):
+        raise RuntimeError(f"layer {name!r}: this PEFT version's KaSA layer does not defer its base-weight "
+                           "truncation as expected (peft >= 0.19 with KasaLinearVariant is supported)")
+    if init.lora_A is None or init.lora_B is None or init.lora_diag is None:
+        raise RuntimeError(f"layer {name!r}: a KaSA initialisation needs lora_A, lora_B and lora_diag")
+    device = layer.get_base_layer().weight.device
+    for container, value in ((layer.lora_A[adapter], init.lora_A), (layer.lora_B[adapter], init.lora_B)):
+        old = container.weight
+        container.weight = nn.Parameter(value.to(device, old.dtype, copy=True), requires_grad=old.requires_grad)
+    old = layer.lora_diag[adapter]
+    layer.lora_diag[adapter] = nn.Parameter(init.lora_diag.to(device, old.dtype, copy=True),
+                                            requires_grad=old.requires_grad)
+    deferred.discard(adapter)
 
 
 def _base_layer(model: nn.Module, name: str) -> nn.Module:

@@ -78,3 +78,23 @@ def brute_force_statistics(model, kind: str, samples, names, weighting: str = "t
                 s["n"] += 1
     return {name: dict(A=s["A"] / s["n"], G=s["G"] / s["n"], grad=s["grad"] / (units or s["n"]), n=s["n"])
             for name, s in sums.items()}
+
+
+def as_statistics(oracle: dict, *, loss_weighting: str, num_sequences: int, num_batches: int):
+    """The oracle's float64 means as a ``KFACStatistics`` a method can be run on (every request's
+    fields filled), so a method's own arithmetic can be compared in float64 with a dense derivation."""
+    from fisher_kernels.statistics import KFACStatistics, LayerStatistics
+
+    layers = {name: LayerStatistics(num_tokens=o["n"], input_factor=o["A"], output_factor=o["G"],
+                                    output_factor_diag=o["G"].diagonal().clone(), gradient=o["grad"])
+              for name, o in oracle.items()}
+    return KFACStatistics(layers=layers, num_batches=num_batches, num_sequences=num_sequences,
+                          loss_weighting=loss_weighting, loss_units=num_sequences)
+
+
+def max_principal_angle(X: torch.Tensor, Y: torch.Tensor) -> float:
+    """Largest principal angle (radians) between the column spaces of X and Y, in float64."""
+    Qx, _ = torch.linalg.qr(X.double())
+    Qy, _ = torch.linalg.qr(Y.double())
+    cosines = torch.linalg.svdvals(Qx.T @ Qy).clamp(max=1.0)
+    return float(torch.arccos(cosines.min()))

@@ -28,6 +28,7 @@ class LayerInit:
     base_update: tuple[torch.Tensor, torch.Tensor] | None = None  # (P (d_out, k), Q (k, d_in)): W' = W − P Q
     selected: torch.Tensor | None = None  # indices of the chosen candidate directions, when meaningful
     scores: torch.Tensor | None = None    # the score each candidate was ranked by (FILet: Fisher energy)
+    lora_diag: torch.Tensor | None = None  # (r,) KaSA's trainable singular values: ΔW = s·B diag(d) A
 
     def new_base_weight(self, W: torch.Tensor) -> torch.Tensor:
         """``W' = W − P Q`` in fp32 for a weight ``W (d_out, d_in)`` (a full-size copy: for
@@ -40,7 +41,7 @@ class LayerInit:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this result holds, by name (for finiteness checks)."""
-        out = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        out = {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_diag": self.lora_diag}
         if self.base_update is not None:
             out["base_update P"], out["base_update Q"] = self.base_update
         return {k: v for k, v in out.items() if v is not None}

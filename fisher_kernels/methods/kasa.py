@@ -4,10 +4,15 @@ The base weight is replaced by its rank-``k`` truncation ``W' = U_k Σ_k V_kᵀ`
 ``k = min(d_out, d_in) − r`` (the r smallest singular components are dropped), and the adapter
 ``ΔW = s · B diag(d) A`` starts with ``d ~ N(0, 1)``, A Kaiming-uniform, B = 0.
 
-KaSA changes the model's function at step 0 by design (the truncation). PEFT's LoRA layer has
-no trainable diagonal, so ``diag(d)`` is folded into ``lora_A`` at init: ``B diag(d) A`` is the
-same matrix, but the separate trainable ``d`` and KaSA's training regulariser
-(β‖d‖² + γ·orthogonality), which belong to training, are not reproduced.
+KaSA changes the model's function at step 0 by design (the truncation). The adapter is PEFT's own
+KaSA variant (``LoraConfig(kasa_config=KasaConfig(...))``): ``d`` is a separate trainable
+parameter (``lora_diag``) and KaSA's training regulariser β‖d‖² + γ(‖BᵀB − I‖ + ‖AAᵀ − I‖) is
+``peft_model._get_kasa_loss()``, to be added to the task loss as the paper does. Differences
+from the reference code: it keeps ``d_in − r`` components (so layers with ``d_in > d_out`` are not
+truncated at all); here, as in PEFT and the paper, ``min(d_out, d_in) − r``. Its regulariser
+penalises the d × d Gram matrices ``‖AᵀA − I‖ + ‖BBᵀ − I‖`` and divides the sum by the number of
+adapted layers; PEFT's (used here) penalises the r × r ones of the paper's equations, summed over
+layers, so β and γ from the reference's scripts do not carry over one to one.
 """
 
 from __future__ import annotations
@@ -49,7 +54,6 @@ class KaSA(InitMethod):
         bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=√5), as nn.Linear and PEFT use
         A = (torch.rand(self.r, d_in, generator=self._generator) * 2 - 1) * bound
         d = torch.randn(self.r, generator=self._generator)
-        lora_A = (d[:, None] * A).to(W.device)
         lora_B = torch.zeros(W.shape[0], self.r, device=W.device)
         # W' = U_k Σ_k V_kᵀ = W − (the r smallest components)
-        return LayerInit(lora_A, lora_B, (U * S, Vh))
+        return LayerInit(A.to(W.device), lora_B, (U * S, Vh), lora_diag=d.to(W.device))

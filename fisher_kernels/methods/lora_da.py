@@ -128,9 +128,10 @@ class LoraDA(InitMethod):
 
     def guidance(self, name: str, layer, cholesky: torch.Tensor, damped_inverse: torch.Tensor | None,
                  population: int):
-        """``(Ω (d_in, d_in) fp32, ΔW (d_in, d_out) fp32)`` of one layer, both divided by σ(ΔW)
-        (resp. σ²) when ``normalize``. ``damped_inverse`` is ``Z⁻¹`` in fp32 (None without the
-        variance term)."""
+        """``(Ω (d_in, d_in), ΔW (d_in, d_out))`` of one layer in the statistics' dtype (fp32 from a
+        pass, float64 for float64 statistics), both divided by σ(ΔW) (resp. σ²) when ``normalize``.
+        ``damped_inverse`` is ``Z⁻¹`` in that dtype (None without the variance term)."""
+        dtype = layer.gradient.dtype
         inverse_y = (layer.output_factor_diag.double() + self.output_damping).reciprocal()  # (d_out,)
         delta = -torch.cholesky_solve(layer.gradient.T.double(), cholesky) * inverse_y  # (d_in, d_out)
         variance_coefficient = self.variance_strength * inverse_y.sum() / population
@@ -141,11 +142,11 @@ class LoraDA(InitMethod):
                                  f"(top singular value {sigma.item()})")
             delta = delta / sigma
             variance_coefficient = variance_coefficient / sigma.square()
-        delta = delta.float()
+        delta = delta.to(dtype)
         if damped_inverse is None:
-            omega = torch.zeros(delta.shape[0], delta.shape[0], dtype=torch.float32, device=delta.device)
+            omega = torch.zeros(delta.shape[0], delta.shape[0], dtype=dtype, device=delta.device)
         else:
-            omega = damped_inverse * variance_coefficient.float()
+            omega = damped_inverse * variance_coefficient.to(dtype)
         omega.addmm_(delta, delta.T, alpha=-self.bias_strength)
         return omega, delta
 
@@ -153,7 +154,8 @@ class LoraDA(InitMethod):
         population = self.population_size or stats.num_sequences
         for names in _input_groups(weights, stats):
             cholesky = self._damped_cholesky(names[0], stats[names[0]].input_factor)
-            damped_inverse = torch.cholesky_inverse(cholesky).float() if self.variance_strength else None
+            dtype = stats[names[0]].gradient.dtype
+            damped_inverse = torch.cholesky_inverse(cholesky).to(dtype) if self.variance_strength else None
             omegas, deltas = [], []
             for name in names:
                 omega, delta = self.guidance(name, stats[name], cholesky, damped_inverse, population)

@@ -2,7 +2,7 @@
 
 From the averaged gradient ``∇W`` (d_out, d_in) of the calibration data:
 
-    U S Vᵀ = svd_lowrank(∇W, q = min(4r, d_out, d_in), niter = 4)    (seeded)
+    U S Vᵀ = svd_lowrank(∇W, q = min(4r, d_out, d_in), niter = 4)    (seeded; ``svd="exact"``: full SVD)
     A = V[:, :r]ᵀ · c,   B = U[:, r:2r] · c,   c = d_out^{1/4} / √γ   ("stable" scale, γ = 16)
     W' = W − s · B A
 
@@ -31,6 +31,8 @@ def seeded_svd_lowrank(matrix: torch.Tensor, q: int, niter: int, seed: int):
 
 class LoraGA(InitMethod):
     """LoRA-GA initialisation. Options: ``stable_gamma`` γ (16), ``niter`` (4), ``seed`` (0),
+    ``svd``: ``"lowrank"`` (default, the reference's randomized ``svd_lowrank``, approximate when
+    the gradient's spectrum decays slowly) or ``"exact"`` (``torch.linalg.svd`` in float64),
     ``gradient_average``: ``"batch"`` (default, as the reference and PEFT: the mean over
     calibration batches of each batch's mean-loss gradient, which depends on how the data is
     batched) or ``"token"`` (the per-token mean gradient of the summed loss: batching-independent).
@@ -40,13 +42,15 @@ class LoraGA(InitMethod):
     residual_base = True
 
     def __init__(self, r, scale, *, stable_gamma: float = 16.0, niter: int = 4, seed: int = 0,
-                 gradient_average: str = "batch"):
+                 gradient_average: str = "batch", svd: str = "lowrank"):
         super().__init__(r, scale)
+        if svd not in ("lowrank", "exact"):
+            raise ValueError(f"svd must be 'lowrank' or 'exact', got {svd!r}")
         if stable_gamma <= 0:
             raise ValueError(f"stable_gamma must be positive, got {stable_gamma}")
         if gradient_average not in ("batch", "token"):
             raise ValueError(f"gradient_average must be 'batch' or 'token', got {gradient_average!r}")
-        self.stable_gamma, self.niter, self.seed = stable_gamma, niter, seed
+        self.stable_gamma, self.niter, self.seed, self.svd = stable_gamma, niter, seed, svd
         self.loss_weighting = gradient_average
 
     needs_data = True
@@ -57,6 +61,8 @@ class LoraGA(InitMethod):
         return 4 * d_out * d_in
 
     def temporary_bytes(self, d_out, d_in, dtype):
+        if self.svd == "exact":  # float64 copy, U and Vᵀ of the reduced SVD
+            return 8 * (2 * d_out * d_in + min(d_out, d_in) * (d_out + d_in))
         q = min(4 * self.r, d_out, d_in)
         return 4 * 3 * q * (d_out + d_in)  # svd_lowrank's blocks
 
@@ -69,7 +75,11 @@ class LoraGA(InitMethod):
             raise ValueError(f"layer {name!r}: LoRA-GA needs 2r = {2 * self.r} <= min(d_out, d_in) = "
                              f"{min(d_out, d_in)}")
         gradient = stats.gradient.to(W.device)
-        U, _, V = seeded_svd_lowrank(gradient, q=min(4 * self.r, d_out, d_in), niter=self.niter, seed=self.seed)
+        if self.svd == "exact":
+            U, _, Vh = torch.linalg.svd(gradient.double(), full_matrices=False)
+            U, V = U[:, : 2 * self.r].to(gradient.dtype), Vh[: 2 * self.r].T.to(gradient.dtype)
+        else:
+            U, _, V = seeded_svd_lowrank(gradient, q=min(4 * self.r, d_out, d_in), niter=self.niter, seed=self.seed)
         c = d_out ** 0.25 / self.stable_gamma ** 0.5
         lora_A = V[:, : self.r].T * c          # (r, d_in)
         lora_B = U[:, self.r : 2 * self.r] * c  # (d_out, r)
