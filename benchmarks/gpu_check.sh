@@ -22,11 +22,11 @@ step "build the CUDA extension (nvcc)"
 timeout 300 python3 -m fisher_kernels._build_cuda fisher_kernels 2>&1 | tail -3 || status=1
 python3 -c "import fisher_kernels, json; print(json.dumps(fisher_kernels.backends(), indent=1))" | tee "$RESULTS/backends.json"
 
-step "kernel tests on CUDA (every backend against the reference)"
-timeout 300 python3 -m pytest -q -x tests/test_ops.py 2>&1 | tail -5 || status=1
+step "kernel tests on CUDA (every backend against the reference), auto-selection, torch.library ops"
+timeout 300 python3 -m pytest -q -x tests/test_ops.py tests/test_autotune.py tests/test_library.py 2>&1 | tail -5 || status=1
 timeout 120 python3 -m pytest -q tests/test_statistics.py -k triton 2>&1 | tail -2 || status=1
 
-step "kernels vs gather + PyTorch (d = 4096, 16k tokens, bf16)"
+step "kernels vs gather + PyTorch (d = 4096, 16k tokens, bf16; cuda's Gram kernels on tensor cores)"
 timeout 240 python3 -m benchmarks.kernels --d 4096 --tokens 16384 --basis 1024 --dtype bfloat16 \
     --json "$RESULTS/kernels.json" | tee "$RESULTS/kernels.md" || status=1
 

@@ -1,6 +1,6 @@
 """Each statistics kernel against the plain PyTorch equivalent on the masked-gathered rows.
 
-    python -m benchmarks.kernels [--d 4096 --tokens 16384 --dtype bfloat16 --backends cuda,triton]
+    python -m benchmarks.kernels [--d 4096 --tokens 16384 --dtype bfloat16 --backends cuda,triton,cublas,auto,torch]
 
 The PyTorch baseline is what a non-fused implementation does: gather the unmasked rows
 (``x[mask]``), cast to fp32, then ``torch.addmm`` (or the elementwise equivalent). Timings are
@@ -63,7 +63,7 @@ def main(argv=None):
     parser.add_argument("--basis", type=int, default=1024, help="basis vectors for the projected energy")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--masked-fraction", type=float, default=0.2)
-    parser.add_argument("--backends", default="cuda,triton,torch")
+    parser.add_argument("--backends", default="cuda,triton,cublas,auto,torch")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -81,7 +81,7 @@ def main(argv=None):
         if not available[backend]["available"]:
             print(f"skipping {backend}: {available[backend]['reason']}")
             continue
-        ops = get_ops(backend)
+        ops = get_ops(backend, device)
         calls = {
             "masked_syrk_": lambda: ops.masked_syrk_(torch.zeros(args.d, args.d, device=device), x, mask),
             "masked_column_sumsq_": lambda: ops.masked_column_sumsq_(torch.zeros(args.d, device=device), x, mask),
@@ -97,9 +97,12 @@ def main(argv=None):
     for r in rows:
         print(f"| {r['op']} | {r['backend']} | {r['seconds'] * 1e3:.2f} | {r['pytorch_gathered_seconds'] * 1e3:.2f} | "
               f"{r['speedup']:.2f}× |")
+    chosen = backends()["auto"]["chosen"]
+    if chosen:
+        print("\nbackend='auto' chose:\n" + json.dumps(chosen, indent=1))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "args": vars(args), "rows": rows}, f, indent=2)
+            json.dump({"device": device, "args": vars(args), "rows": rows, "auto": chosen}, f, indent=2)
     return rows
 
 

@@ -45,14 +45,15 @@ def _cuda_lib_dir(home: Path) -> Path:
     raise RuntimeError(f"libcudart.so not found under {home}")
 
 
-def _archs() -> list[str]:
-    archs = os.environ.get("FISHER_KERNELS_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+def _archs(archs: str | None = None) -> list[str]:
+    archs = (archs or os.environ.get("FISHER_KERNELS_CUDA_ARCHS", "80;90")).replace(",", ";").split(";")
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a.strip()]
 
 
-def build(output_dir: str | Path, verbose: bool = False) -> Path:
+def build(output_dir: str | Path, verbose: bool = False, archs: str | None = None) -> Path:
     """Compile ``csrc/`` into ``output_dir/_cuda_kernels<suffix>``: the kernels with nvcc, the
-    bindings with the host compiler, linked against torch and cudart."""
+    bindings with the host compiler, linked against torch and cudart. ``archs``: compute
+    capabilities like ``"80;90"`` (default ``$FISHER_KERNELS_CUDA_ARCHS`` or ``"80;90"``)."""
     import torch
     from torch.utils import cpp_extension
 
@@ -68,7 +69,7 @@ def build(output_dir: str | Path, verbose: bool = False) -> Path:
     # the kernels: nvcc, CUDA headers only
     kernels_cmd = [
         str(nvcc), "-c", str(CSRC / "statistics_kernels.cu"), "-o", str(kernels_obj), "-O3", "-std=c++17",
-        "-Xcompiler", "-fPIC", f"-I{CSRC}", *_archs(),
+        "-Xcompiler", "-fPIC", f"-I{CSRC}", *_archs(archs),
     ]
     # the bindings: host compiler, torch and CUDA runtime headers
     bindings_cmd = [
@@ -90,6 +91,42 @@ def build(output_dir: str | Path, verbose: bool = False) -> Path:
         if result.returncode != 0:
             raise RuntimeError(f"command failed ({result.returncode}): {' '.join(cmd)}\n{result.stdout}\n{result.stderr}")
     return target
+
+
+def cuobjdump() -> Path:
+    """``cuobjdump`` of the CUDA toolkit, else the copy Triton ships (the toolkit may omit it)."""
+    candidates = [cuda_home() / "bin" / "cuobjdump"]
+    try:
+        import triton
+
+        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    found = shutil.which("cuobjdump")
+    candidates += [Path(found)] if found else []
+    for path in candidates:
+        if path.exists():
+            return path
+    raise RuntimeError("cuobjdump not found (CUDA toolkit or triton's bundled copy)")
+
+
+def sass_instruction_counts(object_file: str | Path, mnemonic: str) -> dict[tuple[str, str], int]:
+    """``{(arch, kernel): number of instructions starting with mnemonic}`` in an object's SASS."""
+    out = subprocess.run([str(cuobjdump()), "-sass", str(object_file)], capture_output=True, text=True, check=True).stdout
+    counts: dict[tuple[str, str], int] = {}
+    arch = kernel = ""
+    for line in out.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("arch = "):
+            arch = stripped.split("=", 1)[1].strip()
+        elif stripped.startswith("Function : "):
+            kernel = stripped.split(":", 1)[1].strip()
+            counts.setdefault((arch, kernel), 0)
+        elif "*/" in stripped and kernel:
+            instruction = stripped.split("*/", 1)[1].strip()
+            if instruction.startswith(mnemonic):
+                counts[(arch, kernel)] += 1
+    return counts
 
 
 if __name__ == "__main__":

@@ -7,24 +7,30 @@ Four in-place updates of fp32 accumulators, each with one signature across backe
     masked_projected_energy_(acc, x, basis, mask) acc += Σ_t mask_t (basisᵀ x_t)²
     masked_outer_(acc, g, x, mask)                acc += gᵀ diag(mask) x
 
-``reference.py`` is the PyTorch definition; ``triton_*.py`` and the CUDA extension (``csrc/``)
-must match it. The registry is decided once, at import: which backends can run here and, for
-the others, why not. A backend that cannot load falls back quietly (debug log).
+``reference.py`` is the PyTorch definition; ``triton_*.py``, ``cublas.py`` (PyTorch GEMMs in
+the input dtype with fp32 output) and the CUDA extension (``csrc/``) must match it. The
+registry is decided once, at import: which backends can run here and, for the others, why not.
+A backend that cannot load falls back quietly (debug log). ``backend="auto"`` on a CUDA device
+chooses per op, dtype and size by a correctness probe and a timing probe (``autotune.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from types import SimpleNamespace
 
 import torch
 
+from . import library  # noqa: F401  (registers torch.ops.fisher_kernels.*)
 from . import reference
+from .autotune import AutoOps
 
 logger = logging.getLogger(__name__)
 
-BACKEND_NAMES = ("cuda", "triton", "torch")
+BACKEND_NAMES = ("cuda", "triton", "cublas", "torch")
+PIN_VARIABLE = "FISHER_KERNELS_BACKEND"  # pins backend="auto" to one backend
 OP_NAMES = ("masked_syrk_", "masked_column_sumsq_", "masked_projected_energy_", "masked_outer_")
 
 
@@ -42,11 +48,25 @@ def _load_triton() -> SimpleNamespace:
 
     return SimpleNamespace(
         name="triton",
-        masked_syrk_=triton_gram.masked_syrk_,
-        masked_outer_=triton_gram.masked_outer_,
-        masked_column_sumsq_=triton_column_sumsq.masked_column_sumsq_,
-        masked_projected_energy_=triton_projected_energy.masked_projected_energy_,
+        masked_syrk_=_on_accumulator_device(triton_gram.masked_syrk_),
+        masked_outer_=_on_accumulator_device(triton_gram.masked_outer_),
+        masked_column_sumsq_=_on_accumulator_device(triton_column_sumsq.masked_column_sumsq_),
+        masked_projected_energy_=_on_accumulator_device(triton_projected_energy.masked_projected_energy_),
     )
+
+
+def _on_accumulator_device(op):
+    """Launch under the accumulator's CUDA device (Triton launches on the current device, so
+    tensors on ``cuda:1`` would otherwise be read from the wrong GPU)."""
+
+    @functools.wraps(op)
+    def run(acc, *args):
+        if not acc.is_cuda:
+            return op(acc, *args)
+        with torch.cuda.device(acc.device):
+            return op(acc, *args)
+
+    return run
 
 
 def _load_cuda() -> SimpleNamespace:
@@ -55,9 +75,17 @@ def _load_cuda() -> SimpleNamespace:
     return _namespace("cuda", cuda_extension.load())
 
 
+def _load_cublas() -> SimpleNamespace:
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")
+    from . import cublas
+
+    return _namespace("cublas", cublas)
+
+
 def _probe_backends() -> dict[str, tuple[SimpleNamespace | None, str]]:
     registry: dict[str, tuple[SimpleNamespace | None, str]] = {}
-    for name, loader in (("cuda", _load_cuda), ("triton", _load_triton)):
+    for name, loader in (("cuda", _load_cuda), ("triton", _load_triton), ("cublas", _load_cublas)):
         try:
             registry[name] = (loader(), "available")
         except Exception as err:  # ImportError, missing device, failed build: fall back quietly
@@ -71,25 +99,49 @@ def _probe_backends() -> dict[str, tuple[SimpleNamespace | None, str]]:
 _REGISTRY = _probe_backends()
 
 
+_AUTO: dict[torch.device, AutoOps] = {}
+
+
 def backends() -> dict[str, dict[str, object]]:
     """Which statistics backends are available here and, for the others, why not.
 
-    Returns ``{name: {"available": bool, "reason": str}}`` for ``cuda``, ``triton`` and
-    ``torch``. ``backend="auto"`` takes, for CUDA tensors, the first available of
-    cuda > triton > torch, and for CPU tensors the PyTorch reference.
+    Returns ``{name: {"available": bool, "reason": str}}`` for ``cuda``, ``triton``, ``cublas``
+    and ``torch``, and for ``"auto"`` also ``"chosen"``: what it chose so far on each CUDA
+    device, per op, input dtype and size bucket: the backend, each correct backend's speed
+    relative to the PyTorch reference, and the backends rejected by the correctness probe and
+    why. CPU tensors always use the PyTorch reference.
     """
-    return {name: {"available": ops is not None, "reason": reason} for name, (ops, reason) in _REGISTRY.items()}
+    out: dict[str, dict[str, object]] = {
+        name: {"available": ops is not None, "reason": reason} for name, (ops, reason) in _REGISTRY.items()}
+    out["auto"] = {"available": True,
+                   "reason": "CUDA tensors: per op, dtype and size the fastest backend that passed a correctness "
+                             "probe; CPU tensors: torch" + (f"; pinned to {os.environ[PIN_VARIABLE]!r} by "
+                                                            f"${PIN_VARIABLE}" if os.environ.get(PIN_VARIABLE) else ""),
+                   "chosen": {str(device): auto.report() for device, auto in _AUTO.items()}}
+    return out
+
+
+def _auto(device: torch.device) -> SimpleNamespace:
+    pinned = os.environ.get(PIN_VARIABLE)
+    if pinned:
+        return get_ops(pinned, device)
+    if device.type != "cuda":
+        return _REGISTRY["torch"][0]
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _AUTO:
+        available = {name: _REGISTRY[name][0] for name in BACKEND_NAMES if _REGISTRY[name][0] is not None}
+        _AUTO[device] = AutoOps(device, available)
+    return _AUTO[device]
 
 
 def get_ops(backend: str = "auto", device: torch.device | str | None = None) -> SimpleNamespace:
-    """The update functions of ``backend`` (``"auto" | "cuda" | "triton" | "torch"``) for
-    tensors on ``device``."""
+    """The update functions of ``backend`` (``"auto" | "cuda" | "triton" | "cublas" | "torch"``)
+    for tensors on ``device``. ``"auto"``: on a CUDA device the fastest backend that passed a
+    correctness probe, per op, dtype and size (see :mod:`fisher_kernels.ops.autotune`); on
+    other devices the PyTorch reference; ``$FISHER_KERNELS_BACKEND`` pins it."""
     if backend == "auto":
-        if device is not None and torch.device(device).type == "cuda":
-            for name in BACKEND_NAMES:
-                if _REGISTRY[name][0] is not None:
-                    return _REGISTRY[name][0]
-        return _REGISTRY["torch"][0]
+        return _auto(torch.device(device) if device is not None else torch.device("cpu"))
     if backend not in _REGISTRY:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKEND_NAMES))}; got {backend!r}")
     ops, reason = _REGISTRY[backend]

@@ -1,5 +1,8 @@
 """The compiled CUDA extension (``csrc/``), with the CUDA stream passed in from Python.
 
+Each call passes the current stream *of the accumulator's device*; the C++ side makes that
+device current for the launch (and restores the caller's), so tensors on ``cuda:1`` work.
+
 The extension is built by ``setup.py`` (see ``fisher_kernels/_build_cuda.py``) when CUDA is
 available or ``FISHER_KERNELS_BUILD_CUDA=1``. Its kernels take raw pointers, sizes, strides
 and the stream; this module checks arguments and supplies those.
@@ -26,8 +29,8 @@ def load() -> SimpleNamespace:
     )
 
 
-def _stream() -> int:
-    return torch.cuda.current_stream().cuda_stream
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def _mask_arg(mask, like):
@@ -39,19 +42,19 @@ def _gram(ext, acc, a, b, mask, symmetric):
         b = b.to(a.dtype)
     if a.shape[0] == 0:
         return acc
-    ext.masked_gram(acc, a, b, _mask_arg(mask, a), symmetric, _stream())
+    ext.masked_gram(acc, a, b, _mask_arg(mask, a), symmetric, _stream(acc.device))
     return acc
 
 
 def _column_sumsq(ext, acc, x, mask):
     if x.shape[0] == 0:
         return acc
-    ext.masked_column_sumsq(acc, x, _mask_arg(mask, x), _stream())
+    ext.masked_column_sumsq(acc, x, _mask_arg(mask, x), _stream(acc.device))
     return acc
 
 
 def _projected_energy(ext, acc, x, basis, mask):
     if x.shape[0] == 0:
         return acc
-    ext.masked_projected_energy(acc, x, basis.to(torch.float32).contiguous(), _mask_arg(mask, x), _stream())
+    ext.masked_projected_energy(acc, x, basis.to(torch.float32).contiguous(), _mask_arg(mask, x), _stream(acc.device))
     return acc

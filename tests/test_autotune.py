@@ -1,0 +1,116 @@
+"""``backend="auto"``: a backend that computes wrongly is never chosen, a slower one is not chosen.
+
+On this CPU machine the candidates are stand-ins around the PyTorch reference (wrong, raising,
+slow, fast), and the real ``cublas`` module (its CPU path); on a GPU the same code chooses among
+the CUDA extension, Triton, cuBLAS and the reference.
+"""
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fisher_kernels import backends
+from fisher_kernels.ops import OP_NAMES, get_ops, reference
+from fisher_kernels.ops.autotune import AutoOps, choose, probe_inputs, size_bucket
+
+
+def slowed(fn, seconds):
+    def run(*args):
+        time.sleep(seconds)
+        return fn(*args)
+    return run
+
+
+def wrong(fn):
+    def run(acc, *args):
+        fn(acc, *args)
+        return acc.add_(1e-2 * acc.abs().max())
+    return run
+
+
+def raising(acc, *args):
+    raise RuntimeError("no kernel image for this device")
+
+
+def stand_ins(op):
+    ref = getattr(reference, op)
+    return {"torch": slowed(ref, 0.004), "fast": ref, "slow": slowed(ref, 0.03), "wrong": wrong(ref),
+            "raising": raising}
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_chooses_the_fastest_correct_backend_and_warns_about_wrong_ones(op, dtype):
+    with pytest.warns(RuntimeWarning) as caught:
+        choice = choose(op, stand_ins(op), dtype, 64, "cpu")
+    assert choice.backend == "fast"
+    assert set(choice.rejected) == {"wrong", "raising"}
+    assert "disagrees with the PyTorch reference" in choice.rejected["wrong"]
+    assert "no kernel image" in choice.rejected["raising"]
+    assert {str(w.message).split("'")[1] for w in caught} == {"wrong", "raising"}  # one warning each
+    assert set(choice.seconds) == {"torch", "fast", "slow"}
+    speedups = choice.speedups()
+    assert speedups["fast"] > 1 > speedups["slow"]
+
+
+def test_auto_keeps_the_reference_when_every_other_backend_is_slower_or_wrong():
+    op = "masked_syrk_"
+    candidates = {k: v for k, v in stand_ins(op).items() if k != "fast"}
+    candidates["torch"] = getattr(reference, op)
+    with pytest.warns(RuntimeWarning):
+        assert choose(op, candidates, torch.float32, 64, "cpu").backend == "torch"
+
+
+def test_auto_ops_probe_once_per_op_dtype_and_size_bucket():
+    calls = []
+
+    def counting(fn, name):
+        def run(*args):
+            calls.append(name)
+            return fn(*args)
+        return run
+
+    namespaces = {name: SimpleNamespace(**{op: counting(stand_ins(op)[name], name) for op in OP_NAMES})
+                  for name in ("torch", "fast", "slow")}
+    auto = AutoOps("cpu", namespaces)
+    x = torch.randn(50, 40)
+    acc = auto.masked_syrk_(torch.zeros(40, 40), x, None)
+    assert torch.allclose(acc, x.T @ x, atol=1e-4)
+    probes = len(calls)
+    auto.masked_syrk_(torch.zeros(40, 40), x, None)
+    auto.masked_syrk_(torch.zeros(30, 30), x[:, :30], None)        # same size bucket: no new probe
+    assert calls[probes:] == ["fast", "fast"]
+    auto.masked_syrk_(torch.zeros(40, 40), x.bfloat16(), None)    # another dtype: probed again
+    assert len(calls) > probes + 3
+    report = auto.report()
+    assert report["masked_syrk_ float32 ≤256"]["backend"] == "fast"
+    assert report["masked_syrk_ bfloat16 ≤256"]["speedup_vs_torch"]["fast"] > 1
+
+
+def test_size_buckets_and_probe_shapes():
+    assert [size_bucket(n) for n in (1, 256, 257, 1024, 4096, 4097, 14336)] == [256, 256, 1024, 1024, 4096, 8192, 8192]
+    acc, y, x, mask = probe_inputs("masked_outer_", torch.bfloat16, 64, "cpu")
+    assert acc.shape == (y.shape[1], 64) and acc.dtype == torch.float32 and x.dtype == torch.bfloat16
+    assert mask.dtype == torch.bool and 0 < mask.sum() < mask.numel()
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_real_cublas_backend_passes_the_probe(op):
+    from fisher_kernels.ops import cublas
+
+    candidates = {"torch": getattr(reference, op), "cublas": getattr(cublas, op)}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        choice = choose(op, candidates, dtype, 200, "cpu")
+        assert choice.rejected == {} and set(choice.seconds) == {"torch", "cublas"}
+
+
+def test_backend_pin_and_cpu_default(monkeypatch):
+    assert get_ops("auto", "cpu").name == "torch"
+    monkeypatch.setenv("FISHER_KERNELS_BACKEND", "torch")
+    assert get_ops("auto", "cuda").name == "torch"
+    assert "pinned to 'torch'" in backends()["auto"]["reason"]
+    monkeypatch.setenv("FISHER_KERNELS_BACKEND", "magic")
+    with pytest.raises(ValueError, match="backend"):
+        get_ops("auto", "cuda")
