@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from .conversion import snapshot_adapter
-from .layers import layer_dims, resolve_target_modules, weight_matrix
+from .layers import layer_dims, resolve_target_modules, trainable_heads, weight_matrix
 from .methods import METHODS, LayerInit, lora_scale
 from .peft_wiring import apply_base_updates, make_lora_config, wrap_with_lora
 from .statistics import KFACStatistics, StatisticsRequest, collect_statistics, model_fingerprint
+from .statistics.batches import as_batches
 
 
 @dataclass
@@ -193,6 +194,7 @@ def compute_initialization(
     needs_data = init_method.needs_data
     if needs_data and statistics is None and loader is None:
         raise ValueError(f"method {method!r} needs calibration data: pass a loader")
+    loader = as_batches(loader, model)  # a list / Dataset of unbatched examples: padded batches
     if not needs_data or statistics is not None:
         groups = [names]
         report.memory_plan = "no calibration pass" if not needs_data else "statistics given: no calibration pass"
@@ -374,7 +376,9 @@ def init_lora(
         raise TypeError("target_modules mixes nn.Linear and Conv1D layers, which one PEFT config cannot express; "
                         f"target them in two calls (Conv1D: {conv1d[:3]}...)")
     # checked before the pass: a config PEFT would refuse must not cost a calibration pass
-    config = make_lora_config(names, r, lora_alpha, lora_config, fan_in_fan_out=bool(conv1d), kasa=method == "kasa")
+    config = make_lora_config(names, r, lora_alpha, lora_config, fan_in_fan_out=bool(conv1d), kasa=method == "kasa",
+                              heads=trainable_heads(model), method=method)
+    names = config.target_modules
     report = compute_initialization(
         model, loader, method=method, r=r, scale=scale, target_modules=names, num_batches=num_batches,
         loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend, progress=progress, seed=seed,

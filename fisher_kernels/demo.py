@@ -2,6 +2,11 @@
 
     python -m fisher_kernels.demo [--hidden 256 --layers 4 --samples 64 --r 8]
 
+On several processes (``torchrun --nproc_per_node 2 -m fisher_kernels.demo``, or
+``accelerate launch --cpu --num_processes 2 -m fisher_kernels.demo``) each rank
+calibrates on its own shard (a ``DistributedSampler``), the statistics are summed over ranks,
+and rank 0 checks that its initialisation equals one process's over all the data.
+
 Prints, per layer, which singular directions FILet chose and how much Fisher energy they
 carry compared with PiSSA's top-r, then the time of each stage next to one plain
 forward+backward pass over the same calibration data.
@@ -77,6 +82,58 @@ def describe_filet(report, r: int) -> list[str]:
     return lines
 
 
+def _start_distributed() -> tuple[int, int]:
+    """Join the process group a launcher (torchrun, accelerate launch) set up: ``(rank, world size)``."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def distributed_main(args) -> dict:
+    """Each rank initialises from its shard (statistics summed over ranks); rank 0 first computes
+    one process's initialisation over all the data (before joining the group, so that its pass
+    runs no collective) and then compares the two."""
+    import os
+
+    from torch.utils.data.distributed import DistributedSampler
+
+    from . import compute_initialization
+
+    model = build_model(args.hidden, args.layers, args.vocab, args.seed)
+    samples = calibration_samples(args.samples, args.vocab, args.seed + 1)
+    single = None
+    if os.environ.get("RANK", "0") == "0":
+        whole = DataLoader(samples, batch_size=args.batch_size, collate_fn=pad_collate)
+        single = compute_initialization(model, whole, method="filet", r=args.r, progress=False)
+    rank, world = _start_distributed()
+    if len(samples) % world:
+        raise SystemExit(f"--samples {args.samples} must split evenly over {world} ranks "
+                         "(a DistributedSampler repeats samples otherwise)")
+    sampler = DistributedSampler(samples, num_replicas=world, rank=rank, shuffle=False)
+    shard = DataLoader(samples, batch_size=args.batch_size, sampler=sampler, collate_fn=pad_collate)
+    report = compute_initialization(model, shard, method="filet", r=args.r, progress=False)
+    tokens = next(iter(report.num_tokens.values()))  # every layer counts the same tokens here
+    result = {"rank": rank, "world_size": world, "tokens": tokens}
+    if single is not None:
+        same = all(torch.equal(report.layers[n].selected.sort().values, single.layers[n].selected.sort().values)
+                   for n in single.layers)
+        single_tokens = next(iter(single.num_tokens.values()))
+        result.update(single_process_tokens=single_tokens, same_selection=same)
+        print(f"{world} ranks, {tokens} tokens in all (one process: {single_tokens}); FILet chose "
+              f"{'the same' if same else 'DIFFERENT'} directions as one process over all the data")
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
@@ -89,6 +146,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
+        return distributed_main(args)
 
     model = build_model(args.hidden, args.layers, args.vocab, args.seed)
     samples = calibration_samples(args.samples, args.vocab, args.seed + 1)

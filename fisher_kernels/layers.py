@@ -16,8 +16,11 @@ except ImportError:  # pragma: no cover
 
 SUPPORTED_LAYER_TYPES = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
 
-# Heads that PEFT's "all-linear" leaves out: they map to labels/vocabulary, not features.
+# Heads that PEFT's "all-linear" leaves out: they map to labels/vocabulary, not features. Every
+# linear layer inside them is left out (RoBERTa's ``classifier.dense`` and ``classifier.out_proj``).
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+# Task heads PEFT trains in full for classification / QA tasks (``modules_to_save``).
+_TRAINABLE_HEAD_NAMES = ("classifier", "score", "qa_outputs")
 
 
 def is_supported_layer(module: nn.Module) -> bool:
@@ -49,7 +52,7 @@ def resolve_target_modules(model: nn.Module, target_modules=None) -> list[str]:
 
     ``target_modules`` follows PEFT's ``LoraConfig`` semantics: a list of name suffixes, a
     regex string matched against the full name, or ``None`` / ``"all-linear"`` for every
-    ``nn.Linear`` and ``Conv1D`` except the output embedding and task heads
+    ``nn.Linear`` and ``Conv1D`` except the output embedding and every layer inside a task head
     (``lm_head``, ``classifier``, ``score``, ``qa_outputs``).
 
     Raises ``ValueError`` when nothing matches and ``TypeError`` when a matched layer is of a
@@ -62,10 +65,11 @@ def resolve_target_modules(model: nn.Module, target_modules=None) -> list[str]:
             for name, module in model.named_modules()
             if is_supported_layer(module)
             and module is not output_embeddings
-            and name.split(".")[-1] not in _HEAD_NAMES
+            and not any(part in _HEAD_NAMES for part in name.split("."))
         ]
         if not names:
             raise ValueError(f"no nn.Linear or Conv1D layer found in {type(model).__name__}")
+        _warn_about_fused_experts(model)
         return names
 
     from peft import LoraConfig
@@ -94,6 +98,32 @@ def resolve_target_modules(model: nn.Module, target_modules=None) -> list[str]:
     if not names:
         raise ValueError(f"target_modules={target_modules!r} matched no layer of {type(model).__name__}")
     return names
+
+
+def fused_expert_parameters(model: nn.Module) -> list[str]:
+    """3-D expert weights of mixture-of-experts blocks (transformers >= 5 stores Mixtral's, Qwen-MoE's,
+    ... experts as one ``(experts, d_out, d_in)`` parameter, not as ``nn.Linear`` layers)."""
+    return [name for name, p in model.named_parameters() if p.dim() == 3 and "expert" in name.lower()]
+
+
+def _warn_about_fused_experts(model: nn.Module) -> None:
+    fused = fused_expert_parameters(model)
+    if fused:
+        import warnings
+
+        warnings.warn(
+            f"{len(fused)} mixture-of-experts weights are fused 3-D parameters ({', '.join(fused[:2])}"
+            f"{', ...' if len(fused) > 2 else ''}), which fisher_kernels cannot initialise yet: they stay without "
+            "adapters (PEFT's 'all-linear' would adapt them through target_parameters). The attention and other "
+            "linear layers are initialised.", UserWarning, stacklevel=3)
+
+
+def trainable_heads(model: nn.Module) -> list[str]:
+    """Top-level task heads (``classifier``, ``score``, ``qa_outputs``) that are not the output
+    embedding: what PEFT's classification and QA task types train in full (``modules_to_save``)."""
+    output_embeddings = _output_embeddings(model)
+    return [name for name, module in model.named_children()
+            if name in _TRAINABLE_HEAD_NAMES and module is not output_embeddings]
 
 
 def _output_embeddings(model: nn.Module):

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from ..layers import layer_dims, row_blocks, weight_matrix
 from ..ops import get_ops
-from .batches import (LOSS_WEIGHTINGS, counted_labels, is_causal_lm, prepare_batch, sampled_label_loss, split_batch,
-                      summed_model_loss)
+from .batches import (IGNORE_INDEX, LOSS_WEIGHTINGS, as_batches, counted_labels, is_causal_lm, prepare_batch,
+                      sampled_label_loss, split_batch, summed_model_loss)
 from .containers import KFACStatistics, LayerStatistics, StatisticsRequest, model_fingerprint
 from .model_state import PreservedModelState
 
@@ -56,6 +56,7 @@ class _LayerAccumulator:
         self.output_projected_energy = None if energy_sizes[1] is None else zeros(energy_sizes[1])
         self.shared_with: str | None = None
         self.sharing_decided = False
+        self.side = "encoder"  # which token mask its rows follow; see token_side
 
     def weight_times_input(self, rows: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``W x`` for every row (N, d_out) in fp32 or wider. For fp32/fp64 layers it is the layer's own
@@ -87,12 +88,29 @@ class _LayerAccumulator:
         energy.div_(self.singular_values.square())
 
 
+_CROSS_ATTENTION = ("encoder_attn", "EncDecAttention", "crossattention")
+_KEY_VALUE = ("k_proj", "v_proj", "k", "v", "key", "value")
+
+
+def token_side(name: str) -> str:
+    """``"decoder"`` for layers of an encoder-decoder model's decoder that read decoder positions,
+    ``"encoder"`` otherwise (cross-attention keys and values read the encoder's output)."""
+    parts = name.split(".")
+    in_decoder = any(part.startswith("decoder") for part in parts)
+    reads_encoder = any(part in _CROSS_ATTENTION for part in parts) and parts[-1] in _KEY_VALUE
+    return "decoder" if in_decoder and not reads_encoder else "encoder"
+
+
 class _StatisticsHooks:
     def __init__(self, model: nn.Module, requests: dict[str, StatisticsRequest], ops, device):
         modules = dict(model.named_modules())
         self.ops = ops
         self.layers = {name: _LayerAccumulator(name, modules[name], req, device) for name, req in requests.items()}
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            for name, layer in self.layers.items():
+                layer.side = token_side(name)
         self.token_mask: torch.Tensor | None = None
+        self.decoder_token_mask: torch.Tensor | None = None
         self.batch_index = 0
         self._inputs_this_batch: dict[int, tuple[torch.Tensor, str]] = {}
 
@@ -100,21 +118,33 @@ class _StatisticsHooks:
         for layer in self.layers.values():
             guard.add_hook(layer.module.register_forward_hook(self._forward_hook(layer)))
 
-    def start_batch(self, token_mask: torch.Tensor | None, index: int) -> None:
-        self.token_mask, self.batch_index = token_mask, index
+    def start_batch(self, token_mask: torch.Tensor | None, index: int,
+                    decoder_token_mask: torch.Tensor | None = None) -> None:
+        self.token_mask, self.decoder_token_mask, self.batch_index = token_mask, decoder_token_mask, index
         self._inputs_this_batch.clear()
 
     def _row_mask(self, layer: _LayerAccumulator, x: torch.Tensor) -> torch.Tensor | None:
-        lead = x.shape[:-1]
-        mask = self.token_mask
-        if mask is None or (len(lead) == 1 and lead[0] == mask.shape[0]):
-            return None  # all tokens, or a sequence-level layer (one row per sample)
-        if tuple(lead) != tuple(mask.shape):
-            raise ValueError(
-                f"layer {layer.name!r}: input of shape {tuple(x.shape)} does not match the token mask "
-                f"{tuple(mask.shape)} of batch {self.batch_index}"
-            )
-        return mask.reshape(-1)
+        """The 0/1 mask of ``x``'s rows, from the token mask of the layer's side (the decoder's for
+        an encoder-decoder model's decoder layers). Inputs may keep the (B, T) token layout or
+        come flattened to (B·T,) rows (OPT's MLP); a layer with one row per sequence (a pooled
+        classification head) counts every row; a layer whose rows match the other side's mask
+        (equal-length checks aside) takes that one."""
+        lead = tuple(x.shape[:-1])
+        own, other = ((self.decoder_token_mask, self.token_mask) if layer.side == "decoder"
+                      else (self.token_mask, self.decoder_token_mask))
+        if own is None:
+            return None  # every position of this side counts
+        for mask in (own, other):
+            if mask is None:
+                continue
+            if lead == tuple(mask.shape) or (len(lead) == 1 and mask.dim() > 1 and lead[0] == mask.numel()):
+                return mask.reshape(-1)
+        if len(lead) == 1 and lead[0] == own.shape[0]:
+            return None  # a sequence-level layer (one row per sample)
+        raise ValueError(
+            f"layer {layer.name!r}: input of shape {tuple(x.shape)} does not match the token mask "
+            f"{tuple(own.shape)} of batch {self.batch_index}"
+        )
 
     def _owns_input_factor(self, layer: _LayerAccumulator, x: torch.Tensor) -> bool:
         """True when this layer must update its input factor. A layer that receives the very
@@ -342,11 +372,15 @@ def collect_statistics(
     device = _model_device(model)
     ops = get_ops(backend, device)
     causal = is_causal_lm(model)
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     generator = torch.Generator().manual_seed(seed)
     stats = KFACStatistics(fisher=fisher, token_mask=token_mask,
                            loss_weighting="token" if loss_fn is not None else loss_weighting)
 
+    loader = as_batches(loader, model)
+    _refuse_padded_shards(loader)
     batches = loader if num_batches is None else itertools.islice(loader, num_batches)
+    first_batch = 0  # fingerprint of this rank's first batch (0: none), to catch unsharded loaders
     total = num_batches
     if total is None and hasattr(loader, "__len__"):
         total = len(loader)
@@ -364,14 +398,19 @@ def collect_statistics(
                 if batch is _END:
                     break
                 prepared = prepare_batch(batch, index, device, token_mask=token_mask,
-                                         needs_labels=loss_fn is None and fisher == "empirical", causal=causal)
+                                         needs_labels=loss_fn is None and fisher == "empirical", causal=causal,
+                                         encoder_decoder=encoder_decoder)
+                if encoder_decoder:
+                    _add_decoder_inputs(model, prepared)
+                if index == 0 and _distributed():
+                    first_batch = batch_fingerprint(prepared)
                 parts = split_batch(prepared, micro_batch_size)
                 batch_total = None
                 if len(parts) > 1 and loss_weighting == "batch" and loss_fn is None:
                     batch_total = counted_labels(prepared, causal=causal, sampled=fisher == "true")
                     stats.loss_units += int(batch_total > 0)
                 for part_index, part in enumerate(parts):
-                    hooks.start_batch(part.token_mask, index)
+                    hooks.start_batch(part.token_mask, index, part.decoder_token_mask)
                     loss, units = _summed_loss(model, part, loss_fn, fisher, generator, causal,
                                                index == 0 and part_index == 0, loss_weighting, batch_total)
                     if not torch.isfinite(loss):
@@ -393,6 +432,7 @@ def collect_statistics(
             stats.num_sequences += prepared.num_sequences
         bar.close()
         if _distributed():
+            _refuse_unsharded_data(first_batch)
             stats.num_batches, stats.num_sequences, stats.loss_units = hooks.all_reduce(
                 [stats.num_batches, stats.num_sequences, stats.loss_units])
         if stats.num_batches == 0:
@@ -400,6 +440,62 @@ def collect_statistics(
         stats.layers = hooks.finalize(stats.loss_units, per_token=loss_weighting == "token" or loss_fn is not None)
     stats.fingerprint = model_fingerprint(model, list(stats.layers))
     return stats
+
+
+def batch_fingerprint(prepared) -> int:
+    """A 63-bit hash of a prepared batch's tensors (inputs and targets), never 0."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+
+    def feed(value):
+        if isinstance(value, torch.Tensor):
+            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value):
+                digest.update(str(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                feed(item)
+
+    feed((prepared.args, prepared.kwargs, prepared.targets))
+    return (int.from_bytes(digest.digest(), "little") >> 1) or 1
+
+
+def _refuse_unsharded_data(first_batch: int) -> None:
+    """Under ``torch.distributed`` every rank must iterate its own shard: if two ranks started
+    with the very same batch, the loader was not sharded and every sample would be counted once
+    per rank. Checked after the pass, on every rank alike (no rank waits for another mid-pass)."""
+    import torch.distributed as dist
+
+    fingerprints = [None] * dist.get_world_size()
+    dist.all_gather_object(fingerprints, first_batch)
+    seen = [f for f in fingerprints if f]
+    if len(set(seen)) < len(seen):
+        raise ValueError(
+            "two ranks began with the same calibration batch: the loader is not sharded, so each sample would be "
+            "counted once per rank. Give each rank its own part of the data: accelerator.prepare(loader), or a "
+            "DataLoader with a DistributedSampler")
+
+
+def _refuse_padded_shards(loader) -> None:
+    """accelerate's ``even_batches=True`` (its default) pads the shorter shards with samples from
+    the start of the dataset when the data does not split evenly: those would be counted twice."""
+    sampler = getattr(loader, "batch_sampler", None)
+    processes = getattr(sampler, "num_processes", 1)
+    if not getattr(sampler, "even_batches", False) or processes <= 1 or getattr(sampler, "split_batches", False):
+        return
+    dataset, batch_size = getattr(loader, "dataset", None), getattr(sampler, "batch_size", None)
+    if batch_size is None or not hasattr(dataset, "__len__"):
+        return
+    if len(dataset) % (batch_size * processes) != 0 and not getattr(sampler, "drop_last", False):
+        raise ValueError(
+            f"{len(dataset)} calibration samples do not split into {processes} ranks × batches of {batch_size}, and "
+            "accelerate's even_batches=True repeats samples to even the shards out, which would count them twice: "
+            "prepare the calibration loader with even_batches=False, e.g. Accelerator(dataloader_config="
+            "DataLoaderConfiguration(even_batches=False)) (the shards may then differ in length; the statistics are "
+            "summed over ranks either way)")
 
 
 def _distributed() -> bool:
@@ -431,11 +527,13 @@ def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check, wei
         kwargs["labels"] = labels
     outputs = model(*prepared.args, **kwargs)
     if fisher == "true":
-        return sampled_label_loss(outputs, prepared.token_mask, generator, weighting, batch_total)
+        return sampled_label_loss(outputs, prepared.output_token_mask, generator, weighting, batch_total)
     if loss_fn is not None:
         loss = loss_fn(outputs, labels)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+        if check:
+            _refuse_mean_loss(loss, outputs, labels, causal)
         return loss, _token_count(prepared)
     loss, count, units = summed_model_loss(outputs, labels, causal=causal, weighting=weighting, batch_total=batch_total)
     model_loss = getattr(outputs, "loss", None)
@@ -453,11 +551,48 @@ def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check, wei
     return loss, units
 
 
+def _refuse_mean_loss(loss: torch.Tensor, outputs, labels, causal: bool) -> None:
+    """A ``loss_fn`` must return a sum; one whose value is the cross-entropy *mean* over the
+    batch's labels (checked where the outputs have logits the labels fit) is refused."""
+    try:
+        with torch.no_grad():
+            summed, count, _ = summed_model_loss(outputs, labels, causal=causal)
+    except (ValueError, TypeError, RuntimeError):
+        return  # not a cross-entropy we can recompute: nothing to compare with
+    value, summed = float(loss.detach()), float(summed)
+    if count > 1 and math.isclose(value, summed / count, rel_tol=1e-3) and not math.isclose(value, summed, rel_tol=1e-3):
+        raise ValueError(f"loss_fn returned {value:.6g}, the mean over the batch's {count} labels (their sum is "
+                         f"{summed:.6g}): it must return the sum, e.g. nn.CrossEntropyLoss(reduction='sum'), so that "
+                         "statistics do not depend on batch sizes")
+
+
 def _token_count(prepared) -> int:
     """Counted tokens of a batch (the loss units of a user's summed ``loss_fn``)."""
-    if prepared.token_mask is not None:
-        return int(prepared.token_mask.sum())
-    return prepared.num_sequences
+    mask = prepared.output_token_mask
+    return prepared.num_sequences if mask is None else int(mask.sum())
+
+
+def _add_decoder_inputs(model: nn.Module, prepared) -> None:
+    """Encoder-decoder models build their decoder inputs from ``labels`` only when labels are
+    passed to them, which the pass does not do (it computes the loss itself): derive them the way
+    the model does, for every batch."""
+    kwargs = prepared.kwargs
+    if "decoder_input_ids" in kwargs or "decoder_inputs_embeds" in kwargs:
+        return
+    labels = prepared.targets
+    make = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    config = getattr(model, "config", None)
+    start, pad = getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None)
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or (make is None and (start is None or pad is None)):
+        raise ValueError("this encoder-decoder model needs decoder inputs: put 'decoder_input_ids' in the batches "
+                         "(or token-level 'labels' the model can shift into them)")
+    if make is not None:
+        kwargs["decoder_input_ids"] = make(labels=labels)
+        return
+    # what the model's forward does with labels (Whisper, Marian, ...): shift right, start token first
+    shifted = labels.new_full(labels.shape, start)
+    shifted[:, 1:] = labels[:, :-1]
+    kwargs["decoder_input_ids"] = shifted.masked_fill(shifted == IGNORE_INDEX, pad)
 
 
 def full_statistics_requests(model: nn.Module, target_modules=None) -> dict[str, StatisticsRequest]:
