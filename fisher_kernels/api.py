@@ -12,7 +12,8 @@ from torch import nn
 from .conversion import snapshot_adapter
 from .layers import layer_dims, resolve_target_modules, trainable_heads, weight_matrix
 from .methods import METHODS, LayerInit, lora_scale
-from .peft_wiring import apply_base_updates, make_lora_config, wrap_with_lora
+from .peft_wiring import (apply_base_updates, make_lora_config, remove_peft_layers, revert_base_updates,
+                          wrap_with_lora)
 from .statistics import KFACStatistics, StatisticsRequest, collect_statistics, model_fingerprint
 from .statistics.batches import as_batches
 
@@ -187,6 +188,11 @@ def compute_initialization(
     init_method = METHODS[method](r, scale, **method_options)
     report = InitReport(method=method, r=r, scale=scale, target_modules=names, residual_base=init_method.residual_base)
     weights = {name: weight_matrix(model.get_submodule(name)).detach() for name in names}  # views, no copies
+    for name, W in weights.items():
+        if not torch.isfinite(W).all():
+            bad = int((~torch.isfinite(W)).sum())
+            raise ValueError(f"layer {name!r}: its weight holds {bad} NaN or Inf entries; the model's weights are "
+                             "corrupted (nothing was changed)")
     start = time.perf_counter()
     for key in ("decomposition", "statistics", "initialization"):
         report.timings[key] = 0.0
@@ -195,6 +201,7 @@ def compute_initialization(
     if needs_data and statistics is None and loader is None:
         raise ValueError(f"method {method!r} needs calibration data: pass a loader")
     loader = as_batches(loader, model)  # a list / Dataset of unbatched examples: padded batches
+    passes: list[str | None] = []  # data fingerprint of each calibration pass
     if not needs_data or statistics is not None:
         groups = [names]
         report.memory_plan = "no calibration pass" if not needs_data else "statistics given: no calibration pass"
@@ -226,6 +233,13 @@ def compute_initialization(
                     num_batches=num_batches, backend=backend, progress=progress, seed=seed,
                     loss_weighting=init_method.loss_weighting, micro_batch_size=micro_batch_size)
             report.timings["statistics"] += time.perf_counter() - t
+            if statistics is None:
+                passes.append(stats.data_fingerprint)
+                if passes[-1] != passes[0]:
+                    raise ValueError(
+                        f"the loader gave other batches in calibration pass {len(passes)} than in pass 1 (a shuffled "
+                        "DataLoader, or a sampler with a new seed per epoch?): max_stats_memory splits the layers into "
+                        "passes that must all see the same data; use shuffle=False or a list of batches")
             report.stats_bytes_per_group.append(stats.nbytes() if statistics is None else
                                                 sum(_nbytes(stats[n]) for n in group))
             report.num_batches = stats.num_batches
@@ -384,16 +398,43 @@ def init_lora(
         loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend, progress=progress, seed=seed,
         statistics=statistics, max_stats_memory=max_stats_memory, micro_batch_size=micro_batch_size, **method_options,
     )
+    return _wire(model, report, config, scale, progress)
+
+
+def _wire(model: nn.Module, report: InitReport, config, scale: float, progress: bool):
+    """The last stage, all or nothing: PEFT wrapping, the adapters' values, the adapter snapshot
+    and the base-weight writes. On any failure (``KeyboardInterrupt`` included) the model is put
+    back exactly as found: the base weights already written are restored (``apply_base_updates``),
+    the LoRA layers removed, and ``requires_grad``, ``.grad``, train/eval modes and the model's
+    attributes reset."""
     t = time.perf_counter()
-    peft_model = wrap_with_lora(model, report.layers, config, scale)
+    parameters = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    attributes = dict(vars(model))
+    peft_model, written = None, []
     try:
+        peft_model = wrap_with_lora(model, report.layers, config, scale)
         if report.residual_base:
             report.initial_adapter = snapshot_adapter(peft_model)  # for save_as_plain_lora
-        apply_base_updates(model, report.layers, progress=progress)
+        written = apply_base_updates(model, report.layers, progress=progress)
+        report.timings["peft"] = time.perf_counter() - t
+        report.timings["total"] += report.timings["peft"]
+        _attach_report(peft_model, report)
+        return peft_model
     except BaseException:
-        peft_model.unload()
+        revert_base_updates(model, written)
+        remove_peft_layers(model)
+        for p, requires_grad, grad in parameters:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+        for m, training in modes:
+            m.training = training
+        for key in set(vars(model)) - set(attributes):
+            delattr(model, key)
+        vars(model).update(attributes)
+        report.initial_adapter = None
         raise
-    report.timings["peft"] = time.perf_counter() - t
-    report.timings["total"] += report.timings["peft"]
+
+
+def _attach_report(peft_model, report: InitReport) -> None:
     peft_model.fisher_kernels_report = report
-    return peft_model

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import signal
+import threading
 
 import torch
 from torch import nn
@@ -111,9 +114,27 @@ def wrap_with_lora(model: nn.Module, inits: dict[str, LayerInit], config, scale:
                 lora_B = layer.lora_B[adapter].weight
                 lora_B.copy_(init.lora_B.to(lora_B.device, lora_B.dtype))
     except BaseException:
-        peft_model.unload()
+        remove_peft_layers(model)
         raise
     return peft_model
+
+
+def remove_peft_layers(model: nn.Module) -> None:
+    """Put every PEFT layer of ``model`` back to the module it wraps (LoRA layers to their base
+    layer, ``modules_to_save`` wrappers to the original module), without merging: what
+    ``PeftModel.unload`` does, also when the ``PeftModel`` object itself was never returned."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for name, module in list(model.named_modules()):
+        if not name or not isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if getattr(parent, child, None) is not module:
+            continue  # inside a layer that was already put back
+        original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module.get_base_layer()
+        setattr(parent, child, original)
 
 
 def _materialise_kasa_adapter(name: str, layer: nn.Module, adapter: str, init: LayerInit) -> None:
@@ -160,10 +181,11 @@ def add_low_rank_(module: nn.Module, P: torch.Tensor, Q: torch.Tensor, alpha: fl
 
 
 @torch.no_grad()
-def apply_base_updates(model: nn.Module, inits: dict[str, LayerInit], progress: bool = False) -> None:
+def apply_base_updates(model: nn.Module, inits: dict[str, LayerInit], progress: bool = False) -> list:
     """``W ← W − P Q`` for every layer whose ``LayerInit`` has a ``base_update``, in place, one
-    layer at a time. On any failure (``KeyboardInterrupt`` included) the layers already updated
-    get ``P Q`` added back, which restores them up to one rounding in the weight's dtype."""
+    layer at a time. Returns what was written, for :func:`revert_base_updates`. On any failure
+    (``KeyboardInterrupt`` included) the layers already updated get ``P Q`` added back, which
+    restores them up to one rounding in the weight's dtype."""
     from tqdm.auto import tqdm
 
     todo = [(name, init.base_update) for name, init in inits.items() if init.base_update is not None]
@@ -171,12 +193,37 @@ def apply_base_updates(model: nn.Module, inits: dict[str, LayerInit], progress: 
     try:
         for name, (P, Q) in tqdm(todo, desc="fisher_kernels: base weights", unit="layer",
                                  disable=not progress or len(todo) < 2):
-            add_low_rank_(_base_layer(model, name), P, Q, alpha=-1.0)
-            done.append((name, P, Q))
+            with _interrupts_deferred():  # a layer is written and recorded, or neither
+                add_low_rank_(_base_layer(model, name), P, Q, alpha=-1.0)
+                done.append((name, P, Q))
     except BaseException:
-        for name, P, Q in reversed(done):
-            add_low_rank_(_base_layer(model, name), P, Q, alpha=1.0)
+        revert_base_updates(model, done)
         raise
+    return done
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C during the block is held back until the block has finished (main thread only), so a
+    layer's in-place update is never left half-written or unrecorded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+@torch.no_grad()
+def revert_base_updates(model: nn.Module, done: list) -> None:
+    """Undo :func:`apply_base_updates` (``W ← W + P Q``, last layer first; exact up to one rounding)."""
+    for name, P, Q in reversed(done):
+        add_low_rank_(_base_layer(model, name), P, Q, alpha=1.0)
 
 
 def save_residual_model(peft_model, adapter_dir: str, base_dir: str) -> None:

@@ -50,3 +50,66 @@ def test_two_gloo_ranks_equal_one_process_over_the_union(tmp_path):
                 # float tolerance: summation order differs, and LoRA-DA solves with a 1e-6-damped factor
                 assert torch.allclose(product, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()), (method, name)
             assert torch.equal(ranks[0][method][name][0], ranks[1][method][name][0])  # every rank writes the same
+
+
+def _uneven_rank_main(rank, world_size, init_file, out_dir, case):
+    import datetime
+
+    from fisher_kernels import compute_initialization
+    from tiny_models import make_model, make_samples, pad_batches
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=90))  # a deadlock fails the test instead of hanging
+    try:
+        model = make_model("llama")
+        if rank == 0:
+            shard = pad_batches(make_samples("llama", n=6), 2)
+        elif case == "empty":
+            shard = []
+        else:
+            def failing():
+                yield pad_batches(make_samples("llama", n=2, seed=7), 2)[0]
+                raise OSError("read error on shard 1")
+            shard = failing()
+        results = {}
+        for method, options in METHODS + [("filet", {})]:
+            key = method + str(options)
+            try:
+                report = compute_initialization(model, shard, method=method, r=3, progress=False, **options)
+                results[key] = {n: (i.lora_A, i.lora_B) for n, i in report.layers.items()}
+            except Exception as err:
+                results[key] = f"{type(err).__name__}: {err}"
+            if case == "fails":
+                break
+        torch.save(results, os.path.join(out_dir, f"{case}{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_with_an_empty_shard_neither_crashes_nor_changes_the_result(tmp_path):
+    from fisher_kernels import compute_initialization
+    from tiny_models import make_model, make_samples, pad_batches
+
+    mp.spawn(_uneven_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), "empty"), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"empty{r}.pt") for r in range(2)]
+    model = make_model("llama")
+    for method, options in METHODS + [("filet", {})]:
+        key = method + str(options)
+        single = compute_initialization(model, pad_batches(make_samples("llama", n=6), 2), method=method, r=3,
+                                        progress=False, **options)
+        for rank in ranks:
+            assert isinstance(rank[key], dict), rank[key]
+            for name, init in single.layers.items():
+                A, B = rank[key][name]
+                expected = init.lora_B @ init.lora_A
+                assert torch.allclose(B @ A, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()), (key, name)
+
+
+def test_a_rank_that_fails_tells_the_others_which_raise_instead_of_waiting(tmp_path):
+    mp.spawn(_uneven_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), "fails"), nprocs=2, join=True)
+    failed, other = (torch.load(tmp_path / f"fails{r}.pt") for r in (1, 0))
+    (message,) = failed.values()
+    assert "read error on shard 1" in message and message.startswith("OSError")
+    (message,) = other.values()
+    assert message.startswith("RuntimeError: rank 1 failed during the calibration pass") and "read error" in message

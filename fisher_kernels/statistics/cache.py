@@ -1,8 +1,12 @@
 """Statistics cache: one safetensors file with a header that says what the statistics are of.
 
-Header (safetensors metadata, all strings): format, package version, model class, model
-fingerprint, layer names, per-layer token counts, which layers share an input factor, batch and
-sequence counts, fisher, token-mask and loss-weighting settings, dtype. Shared input factors are stored once.
+Header (safetensors metadata, all strings): format, package version, model fingerprint (every
+weight of the model, hashed in full), fingerprint of the calibration batches, layer names,
+per-layer token counts, which layers share an input factor, batch and sequence counts, fisher,
+token-mask and loss-weighting settings, dtype, and a checksum of every stored tensor. Shared input
+factors are stored once. Loading refuses, each with a one-line error naming the file: a file that
+is not a statistics file or cannot be read, a format this version does not declare compatible, a
+tensor that does not match its checksum, and (given the model) statistics of another model.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import json
 import torch
 from torch import nn
 
-from .containers import KFACStatistics, LayerStatistics, model_fingerprint
+from .containers import KFACStatistics, LayerStatistics, model_fingerprint, tensor_hash
 
-FORMAT = "fisher_kernels.statistics/1"
+FORMAT = "fisher_kernels.statistics/2"
+# formats this version reads: /1 (sampled fingerprint, no checksums) is not among them
+COMPATIBLE_FORMATS = (FORMAT,)
 _FIELDS = ("input_factor", "output_factor", "output_factor_diag", "gradient",
            "input_projected_energy", "output_projected_energy")
 
@@ -46,34 +52,59 @@ def save_statistics(stats: KFACStatistics, path) -> None:
         "token_mask": stats.token_mask,
         "loss_weighting": stats.loss_weighting,
         "loss_units": str(stats.loss_units),
+        "data_fingerprint": stats.data_fingerprint or "",
         "dtype": "float32",
+        "checksums": json.dumps({key: f"{tensor_hash(value):016x}" for key, value in tensors.items()}),
     }
     save_file(tensors, str(path), metadata=metadata)
 
 
 def load_statistics(path, model: nn.Module | None = None, device=None) -> KFACStatistics:
-    """Read statistics written by :func:`save_statistics`.
+    """Read statistics written by :func:`save_statistics`, verifying every tensor's checksum.
 
-    With ``model``, the file's fingerprint must match the model's target layers: statistics of
-    another model, other weights or another layer set raise ``ValueError``.
+    With ``model``, the file's fingerprint must match the model (every weight, in full, and the
+    layer set): statistics of another model or of other weights raise ``ValueError``. Every
+    refusal is one ``ValueError`` line that names the file.
     """
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a fisher_kernels statistics file (format {metadata.get('format')!r})")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    names = json.loads(metadata["layers"])
+    from .. import __version__
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # missing, truncated or not safetensors at all
+        reason = " ".join(str(err).split())
+        raise ValueError(f"{path}: cannot read it as a statistics file ({type(err).__name__}: {reason})") from None
+    found = metadata.get("format", "")
+    if not found.startswith("fisher_kernels.statistics/"):
+        raise ValueError(f"{path} is not a fisher_kernels statistics file (format {found or None!r})")
+    if found not in COMPATIBLE_FORMATS:
+        raise ValueError(f"{path} was written by fisher_kernels {metadata.get('package_version', '?')} in format "
+                         f"{found!r}, which fisher_kernels {__version__} does not read (it reads "
+                         f"{', '.join(COMPATIBLE_FORMATS)}): collect the statistics again")
+    try:
+        checksums = json.loads(metadata["checksums"])
+        names = json.loads(metadata["layers"])
+        counts = json.loads(metadata["num_tokens"])
+        shared = json.loads(metadata["shared_input_factor"])
+        header = {key: metadata[key] for key in ("num_batches", "num_sequences", "fisher", "token_mask",
+                                                  "fingerprint", "loss_weighting", "loss_units", "data_fingerprint")}
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{path}: its header is incomplete or damaged ({type(err).__name__}: {err})") from None
+    if set(checksums) != set(tensors):
+        raise ValueError(f"{path}: its tensors do not match the header's list (the file is damaged)")
+    for key, value in tensors.items():
+        if f"{tensor_hash(value):016x}" != checksums[key]:
+            raise ValueError(f"{path}: tensor {key!r} does not match its checksum (the file is corrupted)")
     if model is not None:
         missing = [n for n in names if not _has_module(model, n)]
         if missing:
             raise ValueError(f"statistics in {path} are of layers this model does not have: {missing[:5]}")
-        if metadata["fingerprint"] != model_fingerprint(model, names):
+        if header["fingerprint"] != model_fingerprint(model, names):
             raise ValueError(f"statistics in {path} were collected on a different model (other architecture, "
                              "weights or layer set); collect them again for this model")
-    counts = json.loads(metadata["num_tokens"])
-    shared = json.loads(metadata["shared_input_factor"])
     layers = {}
     for name in names:
         values = {key: tensors.get(f"{name}::{key}") for key in _FIELDS}
@@ -81,11 +112,11 @@ def load_statistics(path, model: nn.Module | None = None, device=None) -> KFACSt
         layers[name] = LayerStatistics(num_tokens=counts[name], input_factor_shared_with=shared.get(name), **values)
     for name, owner in shared.items():
         layers[name].input_factor = layers[owner].input_factor
-    return KFACStatistics(layers=layers, num_batches=int(metadata["num_batches"]),
-                          num_sequences=int(metadata["num_sequences"]), fisher=metadata["fisher"],
-                          token_mask=metadata["token_mask"], fingerprint=metadata["fingerprint"] or None,
-                          loss_weighting=metadata.get("loss_weighting", "token"),
-                          loss_units=int(metadata.get("loss_units", "0")))
+    return KFACStatistics(layers=layers, num_batches=int(header["num_batches"]),
+                          num_sequences=int(header["num_sequences"]), fisher=header["fisher"],
+                          token_mask=header["token_mask"], fingerprint=header["fingerprint"] or None,
+                          loss_weighting=header["loss_weighting"], loss_units=int(header["loss_units"]),
+                          data_fingerprint=header["data_fingerprint"] or None)
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

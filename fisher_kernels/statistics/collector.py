@@ -8,9 +8,11 @@ switches ``requires_grad`` off, runs under ``enable_grad`` and puts everything b
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ from ..layers import layer_dims, row_blocks, weight_matrix
 from ..ops import get_ops
 from .batches import (IGNORE_INDEX, LOSS_WEIGHTINGS, as_batches, counted_labels, is_causal_lm, prepare_batch,
                       sampled_label_loss, split_batch, summed_model_loss)
-from .containers import KFACStatistics, LayerStatistics, StatisticsRequest, model_fingerprint
+from .containers import KFACStatistics, LayerStatistics, StatisticsRequest, model_fingerprint, tensor_hash
 from .model_state import PreservedModelState
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class _LayerAccumulator:
         self.shared_with: str | None = None
         self.sharing_decided = False
         self.side = "encoder"  # which token mask its rows follow; see token_side
+        self.calls = 0  # forward calls seen (0 after the pass: the layer never ran)
 
     def weight_times_input(self, rows: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``W x`` for every row (N, d_out) in fp32 or wider. For fp32/fp64 layers it is the layer's own
@@ -165,6 +168,7 @@ class _StatisticsHooks:
 
     def _forward_hook(self, layer: _LayerAccumulator):
         def hook(module, args, output):
+            layer.calls += 1
             x = args[0].detach()
             mask = self._row_mask(layer, x)
             rows = x.reshape(-1, layer.d_in)
@@ -211,6 +215,21 @@ class _StatisticsHooks:
                     tensors.append(t)
         return tensors
 
+    def adopt_sharing(self, per_rank: list[dict[str, str | None]]) -> None:
+        """Make this rank's input-factor sharing the one the ranks that saw data decided (a rank
+        with an empty shard never saw which layers read the same input), so that every rank
+        holds the same distinct accumulators. Ranks that disagree are an error."""
+        for name, layer in self.layers.items():
+            decisions = {sharing[name] for sharing in per_rank if name in sharing}
+            if len(decisions) > 1:
+                raise RuntimeError(f"layer {name!r}: the ranks saw different input sharing ({sorted(map(str, decisions))})")
+            if not decisions or layer.sharing_decided:
+                continue
+            owner = decisions.pop()
+            layer.sharing_decided = True
+            if owner is not None:  # this rank's own factor is all zeros: alias the owner's
+                layer.shared_with, layer.input_factor = owner, self.layers[owner].input_factor
+
     def all_reduce(self, counters: list[int]) -> list[int]:
         """Sum every accumulator, every layer's token count and ``counters`` over the ranks of
         the default ``torch.distributed`` group (once, at the end of the pass)."""
@@ -220,21 +239,24 @@ class _StatisticsHooks:
         for t in accumulators:
             dist.all_reduce(t)
         device = accumulators[0].device if accumulators else torch.device("cpu")
-        counts = torch.tensor([layer.num_tokens for layer in self.layers.values()] + counters,
+        layers = list(self.layers.values())
+        counts = torch.tensor([layer.num_tokens for layer in layers] + [layer.calls for layer in layers] + counters,
                               dtype=torch.float64, device=device)
         dist.all_reduce(counts)
         counts = [int(c) for c in counts.tolist()]
-        for layer, count in zip(self.layers.values(), counts):
-            layer.num_tokens = count
-        return counts[len(self.layers):]
+        for i, layer in enumerate(layers):
+            layer.num_tokens, layer.calls = counts[i], counts[len(layers) + i]
+        return counts[2 * len(layers):]
 
     def finalize(self, loss_units: int, per_token: bool = True) -> dict[str, LayerStatistics]:
         """Normalised statistics per layer: sums divided by the layer's counted tokens (the mean
         gradient by ``loss_units``, sequences or batches, unless ``per_token``)."""
         for name, layer in self.layers.items():
+            if layer.calls == 0:
+                raise ValueError(f"layer {name!r} never ran in the model's forward pass, so there is nothing to measure: "
+                                 "leave it out of target_modules (or add it to exclude_modules)")
             if layer.num_tokens == 0:
-                raise ValueError(f"layer {name!r} saw no counted token: every token of every batch was masked, "
-                                 "or the layer never ran in the forward pass")
+                raise ValueError(f"layer {name!r} saw no counted token: every token of every batch was masked")
         if loss_units == 0 and any(layer.request.needs_output_gradient for layer in self.layers.values()):
             raise ValueError("no position of any calibration batch contributes to the loss (every label is -100, "
                              "or no batch has a label): there is no gradient to measure curvature from")
@@ -380,7 +402,8 @@ def collect_statistics(
     loader = as_batches(loader, model)
     _refuse_padded_shards(loader)
     batches = loader if num_batches is None else itertools.islice(loader, num_batches)
-    first_batch = 0  # fingerprint of this rank's first batch (0: none), to catch unsharded loaders
+    prepare_options = dict(token_mask=token_mask, needs_labels=loss_fn is None and fisher == "empirical",
+                           causal=causal, encoder_decoder=encoder_decoder)
     total = num_batches
     if total is None and hasattr(loader, "__len__"):
         total = len(loader)
@@ -392,47 +415,18 @@ def collect_statistics(
         model.eval()
         bar = tqdm(batches, total=total, desc="fisher_kernels: calibration", unit="batch", disable=not progress)
         batch_iter = iter(bar)
-        for index in itertools.count():
-            try:
-                batch = next(batch_iter, _END)
-                if batch is _END:
-                    break
-                prepared = prepare_batch(batch, index, device, token_mask=token_mask,
-                                         needs_labels=loss_fn is None and fisher == "empirical", causal=causal,
-                                         encoder_decoder=encoder_decoder)
-                if encoder_decoder:
-                    _add_decoder_inputs(model, prepared)
-                if index == 0 and _distributed():
-                    first_batch = batch_fingerprint(prepared)
-                parts = split_batch(prepared, micro_batch_size)
-                batch_total = None
-                if len(parts) > 1 and loss_weighting == "batch" and loss_fn is None:
-                    batch_total = counted_labels(prepared, causal=causal, sampled=fisher == "true")
-                    stats.loss_units += int(batch_total > 0)
-                for part_index, part in enumerate(parts):
-                    hooks.start_batch(part.token_mask, index, part.decoder_token_mask)
-                    loss, units = _summed_loss(model, part, loss_fn, fisher, generator, causal,
-                                               index == 0 and part_index == 0, loss_weighting, batch_total)
-                    if not torch.isfinite(loss):
-                        raise ValueError(f"batch {index}: the loss is not finite ({loss.item()})")
-                    if needs_gradients and (units > 0 or batch_total):
-                        if not loss.requires_grad:
-                            raise ValueError(f"batch {index}: the loss does not depend on the model's outputs through "
-                                             "autograd (computed under no_grad, or detached), so it has no gradient")
-                        loss.backward()
-                    stats.loss_units += units
-                    del loss
-            except Exception as err:
-                located = _with_batch_index(err, index)
-                if located is err:
-                    raise
-                raise located from err
-            hooks.start_batch(None, index + 1)  # drop this batch's references
-            stats.num_batches += 1
-            stats.num_sequences += prepared.num_sequences
-        bar.close()
-        if _distributed():
-            _refuse_unsharded_data(first_batch)
+        distributed = _distributed()
+        try:
+            first_batch = _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn, fisher,
+                                    generator, micro_batch_size, loss_weighting, needs_gradients)
+        except BaseException as err:
+            if distributed:  # the other ranks are told before this rank raises, so none of them waits forever
+                _exchange_pass_status(hooks, f"{type(err).__name__}: {err}", 0)
+            raise
+        finally:
+            bar.close()
+        if distributed:
+            _exchange_pass_status(hooks, None, first_batch)
             stats.num_batches, stats.num_sequences, stats.loss_units = hooks.all_reduce(
                 [stats.num_batches, stats.num_sequences, stats.loss_units])
         if stats.num_batches == 0:
@@ -443,15 +437,14 @@ def collect_statistics(
 
 
 def batch_fingerprint(prepared) -> int:
-    """A 63-bit hash of a prepared batch's tensors (inputs and targets), never 0."""
-    import hashlib
-
+    """A 63-bit hash of a prepared batch's tensors (inputs and targets, exact values, hashed on
+    their device by :func:`tensor_hash`), never 0."""
     digest = hashlib.blake2b(digest_size=8)
 
     def feed(value):
         if isinstance(value, torch.Tensor):
-            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        elif isinstance(value, dict):
+            digest.update(f"{tuple(value.shape)}:{value.dtype}:{tensor_hash(value)}".encode())
+        elif isinstance(value, Mapping):
             for key in sorted(value):
                 digest.update(str(key).encode())
                 feed(value[key])
@@ -463,20 +456,80 @@ def batch_fingerprint(prepared) -> int:
     return (int.from_bytes(digest.digest(), "little") >> 1) or 1
 
 
-def _refuse_unsharded_data(first_batch: int) -> None:
-    """Under ``torch.distributed`` every rank must iterate its own shard: if two ranks started
-    with the very same batch, the loader was not sharded and every sample would be counted once
-    per rank. Checked after the pass, on every rank alike (no rank waits for another mid-pass)."""
+def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn, fisher, generator,
+              micro_batch_size, loss_weighting, needs_gradients) -> int:
+    """The calibration loop: every batch's forward and backward, the hooks accumulating. Sets
+    ``stats.data_fingerprint`` (this rank's batches, in order) and returns the fingerprint of this
+    rank's first batch (0: none)."""
+    causal, encoder_decoder = prepare_options["causal"], prepare_options["encoder_decoder"]
+    first_batch = 0
+    data = hashlib.sha256()
+    for index in itertools.count():
+        try:
+            batch = next(batch_iter, _END)
+            if batch is _END:
+                break
+            prepared = prepare_batch(batch, index, device, **prepare_options)
+            if encoder_decoder:
+                _add_decoder_inputs(model, prepared)
+            fingerprint = batch_fingerprint(prepared)
+            data.update(fingerprint.to_bytes(8, "little"))
+            if index == 0:
+                first_batch = fingerprint
+            parts = split_batch(prepared, micro_batch_size)
+            batch_total = None
+            if len(parts) > 1 and loss_weighting == "batch" and loss_fn is None:
+                batch_total = counted_labels(prepared, causal=causal, sampled=fisher == "true")
+                stats.loss_units += int(batch_total > 0)
+            for part_index, part in enumerate(parts):
+                hooks.start_batch(part.token_mask, index, part.decoder_token_mask)
+                loss, units = _summed_loss(model, part, loss_fn, fisher, generator, causal,
+                                           index == 0 and part_index == 0, loss_weighting, batch_total)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"batch {index}: the loss is not finite ({loss.item()})")
+                if needs_gradients and (units > 0 or batch_total):
+                    if not loss.requires_grad:
+                        raise ValueError(f"batch {index}: the loss does not depend on the model's outputs through "
+                                         "autograd (computed under no_grad, or detached), so it has no gradient")
+                    loss.backward()
+                stats.loss_units += units
+                del loss
+        except Exception as err:
+            located = _with_batch_index(err, index)
+            if located is err:
+                raise
+            raise located from err
+        hooks.start_batch(None, index + 1)  # drop this batch's references
+        stats.num_batches += 1
+        stats.num_sequences += prepared.num_sequences
+    stats.data_fingerprint = data.hexdigest()
+    return first_batch
+
+
+def _exchange_pass_status(hooks, error: str | None, first_batch: int) -> None:
+    """The one collective every rank performs after its pass, whatever happened in it: each rank's
+    error (if it failed), the fingerprint of its first batch and the input sharing its layers saw.
+    A rank that failed raises its own error afterwards; the others raise one that names it. Then
+    unsharded data is refused, and ranks that saw no data adopt the others' input sharing, so that
+    every rank reduces the same tensors in the same order."""
     import torch.distributed as dist
 
-    fingerprints = [None] * dist.get_world_size()
-    dist.all_gather_object(fingerprints, first_batch)
-    seen = [f for f in fingerprints if f]
+    sharing = {name: layer.shared_with for name, layer in hooks.layers.items() if layer.sharing_decided}
+    statuses = [None] * dist.get_world_size()
+    dist.all_gather_object(statuses, (error, first_batch, sharing))
+    if error is not None:
+        return
+    failed = [(rank, status[0]) for rank, status in enumerate(statuses) if status[0] is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RuntimeError(f"rank {rank} failed during the calibration pass, so this rank stops too: {message}")
+    seen = [status[1] for status in statuses if status[1]]
     if len(set(seen)) < len(seen):
         raise ValueError(
             "two ranks began with the same calibration batch: the loader is not sharded, so each sample would be "
             "counted once per rank. Give each rank its own part of the data: accelerator.prepare(loader), or a "
             "DataLoader with a DistributedSampler")
+    hooks.adopt_sharing([status[2] for status in statuses])
 
 
 def _refuse_padded_shards(loader) -> None:
@@ -539,6 +592,9 @@ def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check, wei
     model_loss = getattr(outputs, "loss", None)
     if use_model_loss_check and model_loss is not None and count > 0:
         model_loss = model_loss.item()
+        if not math.isfinite(model_loss):
+            raise ValueError(f"the model's own loss is {model_loss}: its outputs are not finite (check its weights "
+                             "and inputs)")
         outputs["loss"] = None  # frees the graph of the model's own loss before our backward pass
         with torch.no_grad():
             plain = loss if weighting == "token" else summed_model_loss(outputs, labels, causal=causal)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -132,7 +133,8 @@ class KFACStatistics:
     token_mask: str = "attention"
     loss_weighting: str = "token"  # see collect_statistics: the loss the gradients are of
     loss_units: int = 0            # counted labels, sequences or batches of that loss
-    fingerprint: str | None = None  # of the model's target layers, see model_fingerprint
+    fingerprint: str | None = None  # of the model (every weight, in full), see model_fingerprint
+    data_fingerprint: str | None = None  # of the calibration batches of the pass, in order
 
     def save(self, path) -> None:
         """Write to a safetensors file (see :mod:`fisher_kernels.statistics.cache`)."""
@@ -161,18 +163,39 @@ class KFACStatistics:
         return total
 
 
-def model_fingerprint(model: nn.Module, layer_names: list[str]) -> str:
-    """Identifies a model's target layers: class, layer names, shapes and a sample of each weight.
+_HASH_CHUNK = 1 << 20
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
 
-    Statistics belong to one model; a fingerprint mismatch means another architecture, another
-    layer set or other weights. The weight sample is 1024 evenly spaced entries per layer, so
-    the fingerprint costs almost nothing even for large models.
-    """
+
+def tensor_hash(tensor: torch.Tensor) -> int:
+    """A 64-bit hash of a tensor's exact bits, computed where the tensor lives (no host copy):
+    ``Σ_i bits_i · c_i`` modulo 2⁶⁴ with an odd pseudo-random ``c_i`` per position, so any change
+    of any single entry changes it. Chunked: temporaries of ``2²⁰`` int64 numbers."""
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    if flat.is_floating_point() or flat.is_complex():
+        flat = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for start in range(0, flat.numel(), _HASH_CHUNK):
+        bits = flat[start:start + _HASH_CHUNK].to(torch.int64)
+        positions = torch.arange(start, start + bits.numel(), dtype=torch.int64, device=flat.device)
+        total += (bits * (positions * _GOLDEN + 1442695040888963407 | 1)).sum()
+    return int(total.item()) & (2**64 - 1)
+
+
+def model_fingerprint(model: nn.Module, layer_names: list[str]) -> str:
+    """Identifies what statistics were collected on: the model's class, the target layers' names
+    and shapes, and the exact values of every parameter and buffer of the model (targets and the
+    rest: embeddings, norms and heads shape the statistics too), hashed in full by
+    :func:`tensor_hash` on their own device."""
     digest = hashlib.sha256(type(model).__name__.encode())
     for name in layer_names:
-        weight = model.get_submodule(name).weight.detach()
-        flat = weight.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu()
-        digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
+        weight = model.get_submodule(name).weight
+        digest.update(f"target {name}:{tuple(weight.shape)}:{weight.dtype}".encode())
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.device.type == "meta":
+            digest.update(f"{name}:meta".encode())
+            continue
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{tensor_hash(tensor)}".encode())
     return digest.hexdigest()
