@@ -5,6 +5,7 @@ data's curvature says matter most, and returns a ready-to-train ``peft.PeftModel
 """
 
 from .api import InitReport, compute_initialization, init_lora, plan_layer_groups
+from .callback import FisherInitCallback
 from .conversion import save_as_plain_lora, snapshot_adapter
 from .layers import resolve_target_modules
 from .memory import MemoryEstimate, estimate_memory
@@ -20,5 +21,6 @@ __all__ = [
     "init_lora", "compute_initialization", "estimate_memory", "MemoryEstimate", "collect_statistics", "full_statistics_requests", "load_statistics",
     "save_statistics", "save_as_plain_lora", "snapshot_adapter", "plan_layer_groups", "backends", "save_residual_model",
     "resolve_target_modules", "InitReport", "KFACStatistics", "LayerStatistics", "StatisticsRequest", "METHODS",
+    "FisherInitCallback",
     "__version__",
 ]

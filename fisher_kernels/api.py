@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import numbers
 import time
 from dataclasses import dataclass, field
@@ -10,6 +11,8 @@ import torch
 from torch import nn
 
 from .conversion import snapshot_adapter
+from .existing_adapter import (check_adapter_config, lora_layers_of, restore_adapter, warn_about_shared_bases,
+                               write_adapter)
 from .layers import layer_dims, resolve_target_modules, trainable_heads, weight_matrix
 from .methods import METHODS, LayerInit, lora_scale
 from .peft_wiring import (apply_base_updates, make_lora_config, remove_peft_layers, revert_base_updates,
@@ -49,6 +52,10 @@ def _check_rank(r) -> int:
     return int(r)
 
 
+# set while an existing PeftModel adapter is initialised: its base layers are the targets then
+_EXISTING_ADAPTER = contextvars.ContextVar("fisher_kernels_existing_adapter", default=False)
+
+
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -56,8 +63,9 @@ def _check_model(model) -> None:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover
         return
-    if any(isinstance(m, LoraLayer) for m in model.modules()):
-        raise TypeError("model already holds LoRA layers; pass the base model, not a PeftModel")
+    if not _EXISTING_ADAPTER.get() and any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise TypeError("model holds LoRA layers but is not a PeftModel: pass the base model, or the PeftModel "
+                        "itself to initialise one of its adapters")
 
 
 def plan_layer_groups(layer_bytes: dict[str, int], max_stats_memory: int | None) -> list[list[str]]:
@@ -309,6 +317,7 @@ def init_lora(
     statistics: KFACStatistics | None = None,
     max_stats_memory: int | str | None = None,
     micro_batch_size: int | None = None,
+    adapter_name: str = "default",
     **method_options,
 ):
     """Initialise LoRA adapters from calibration data and return a ready-to-train ``PeftModel``.
@@ -346,6 +355,13 @@ def init_lora(
         micro_batch_size: split each calibration batch into forward+backward passes of at most
             this many sequences: identical statistics, activations of one micro-batch at a time
             (the calibration pass is usually the largest memory cost after the model).
+        adapter_name: when ``model`` is already a ``PeftModel`` (e.g. made by TRL from a
+            ``peft_config``), the LoRA adapter of that name is initialised in place: its ``r``,
+            ``lora_alpha``, rsLoRA and targets come from its config (``target_modules`` and
+            ``lora_config`` must not be given); its ``lora_A``/``lora_B`` parameters are
+            overwritten in place, so an optimizer that holds them stays valid; the statistics
+            are those of the model with every adapter switched off; other adapters' parameters
+            are not touched (a residual method changes the base weights they share: warned).
         **method_options: passed to the method, e.g. ``energy="component"``, ``route="full"``,
             ``candidates=64`` for FILet; ``variance_strength``, ``population_size``,
             ``stable_gamma``, ``damping``, ``solver`` for LoRA-DA.
@@ -363,8 +379,17 @@ def init_lora(
         adapter for the original model with :func:`fisher_kernels.save_as_plain_lora` (not KaSA).
         The report of what was done is at ``peft_model.fisher_kernels_report``.
     """
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
 
+    if isinstance(model, PeftModel):
+        if target_modules is not None or lora_config is not None:
+            raise ValueError("model is a PeftModel: its adapter's config says what to initialise, so target_modules "
+                             "and lora_config must not be given")
+        return _init_existing_adapter(
+            model, loader, adapter_name, method, r, lora_alpha, progress,
+            dict(num_batches=num_batches, loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend,
+                 progress=progress, seed=seed, statistics=statistics, max_stats_memory=max_stats_memory,
+                 micro_batch_size=micro_batch_size, **method_options))
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
     if lora_config is not None:
@@ -399,6 +424,40 @@ def init_lora(
         statistics=statistics, max_stats_memory=max_stats_memory, micro_batch_size=micro_batch_size, **method_options,
     )
     return _wire(model, report, config, scale, progress)
+
+
+def _init_existing_adapter(peft_model, loader, adapter_name, method, r, lora_alpha, progress, options):
+    """:func:`init_lora` for one adapter of an existing ``PeftModel`` (see ``fisher_kernels.existing_adapter``)."""
+    config = check_adapter_config(peft_model, adapter_name, method, r, lora_alpha)
+    layers = lora_layers_of(peft_model, adapter_name)
+    if not layers:
+        raise ValueError(f"adapter {adapter_name!r} has no LoRA layer in the model")
+    scale = lora_scale(config.lora_alpha, config.r, config.use_rslora)
+    base = peft_model.get_base_model()
+    token = _EXISTING_ADAPTER.set(True)
+    try:
+        with peft_model.disable_adapter():
+            report = compute_initialization(base, loader, method=method, r=config.r, scale=scale,
+                                            target_modules=[name + ".base_layer" for name in layers], **options)
+    finally:
+        _EXISTING_ADAPTER.reset(token)
+    warn_about_shared_bases(layers, adapter_name, report.residual_base)
+    t = time.perf_counter()
+    previous, written = {}, []
+    try:
+        previous = write_adapter(peft_model, adapter_name, layers, report.layers, scale)
+        if report.residual_base:
+            report.initial_adapter = snapshot_adapter(peft_model, adapter_name)  # for save_as_plain_lora
+        written = apply_base_updates(base, report.layers, progress=progress)
+        report.timings["peft"] = time.perf_counter() - t
+        report.timings["total"] += report.timings["peft"]
+        _attach_report(peft_model, report)
+    except BaseException:
+        revert_base_updates(base, written)
+        restore_adapter(layers, adapter_name, previous)
+        report.initial_adapter = None
+        raise
+    return peft_model
 
 
 def _wire(model: nn.Module, report: InitReport, config, scale: float, progress: bool):
