@@ -75,11 +75,11 @@ def test_keyboard_interrupt_during_the_pass_leaves_the_model_untouched(model_sna
     assert_same(before, snapshot(model))
 
 
-def test_already_adapted_model_is_refused():
+def test_a_model_with_lora_layers_that_is_not_a_peft_model_is_refused():
     model = make_model("llama")
     peft_model = init_lora(model, None, method="pissa", r=2, progress=False)
-    with pytest.raises(TypeError, match="already holds LoRA layers"):
-        init_lora(peft_model, batches(), r=2, progress=False)
+    with pytest.raises(TypeError, match="holds LoRA layers but is not a PeftModel"):
+        init_lora(peft_model.get_base_model(), batches(), r=2, progress=False)
 
 
 def test_weight_only_methods_need_no_loader():
