@@ -44,6 +44,40 @@ class InitReport:
     num_tokens: dict[str, int] = field(default_factory=dict)
     layers: dict[str, LayerInit] = field(default_factory=dict)
     initial_adapter: dict = field(default_factory=dict, repr=False)  # {layer: (lora_A0, lora_B0)}, residual methods
+    options: dict = field(default_factory=dict)  # the method options and pass settings it was called with
+
+    def to_dict(self) -> dict:
+        """A JSON-ready summary: method, options, timings, token counts, and per layer the
+        selected directions and every candidate's score (FILet's Fisher energies), so that an
+        adapter can say how it was made (``save``) and be plotted (``fisher-kernels plot``)."""
+        from . import __version__
+
+        def plain(value):
+            if isinstance(value, torch.Tensor):
+                return value.detach().cpu().tolist()
+            if isinstance(value, dict):
+                return {str(k): plain(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+        return {
+            "package": "fisher_kernels", "version": __version__, "method": self.method, "r": self.r,
+            "scale": self.scale, "options": plain(self.options), "timings": plain(self.timings),
+            "num_batches": self.num_batches, "residual_base": self.residual_base, "memory_plan": self.memory_plan,
+            "stats_bytes": self.stats_bytes,
+            "layers": {name: {"num_tokens": self.num_tokens.get(name),
+                              "rank": None if init.lora_A is None else int(init.lora_A.shape[0]),
+                              "selected": plain(init.selected), "scores": plain(init.scores)}
+                       for name, init in self.layers.items()},
+        }
+
+    def save(self, path) -> None:
+        """Write :meth:`to_dict` as JSON (e.g. beside a saved adapter)."""
+        import json
+
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
 
 
 def _check_rank(r) -> int:
@@ -194,7 +228,9 @@ def compute_initialization(
         raise TypeError(f"method {method!r} got unexpected options {unknown}; it accepts "
                         f"{METHODS[method].option_names() or 'none'}")
     init_method = METHODS[method](r, scale, **method_options)
-    report = InitReport(method=method, r=r, scale=scale, target_modules=names, residual_base=init_method.residual_base)
+    report = InitReport(method=method, r=r, scale=scale, target_modules=names, residual_base=init_method.residual_base,
+                        options=dict(method_options, token_mask=token_mask, fisher=fisher, seed=seed,
+                                     num_batches=num_batches, micro_batch_size=micro_batch_size))
     weights = {name: weight_matrix(model.get_submodule(name)).detach() for name in names}  # views, no copies
     for name, W in weights.items():
         if not torch.isfinite(W).all():

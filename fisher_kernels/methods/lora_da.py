@@ -25,6 +25,7 @@ temporaries of one input width are alive at a time.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -116,14 +117,27 @@ class LoraDA(InitMethod):
 
     def _damped_cholesky(self, name: str, input_factor: torch.Tensor) -> torch.Tensor:
         """Cholesky factor of ``Z = A + λI`` in float64: with few calibration tokens A is rank
-        deficient, and a 1e-6 damping is below float32's rounding of A."""
+        deficient, and a 1e-6 damping is below float32's rounding of A. ``A`` is positive
+        semi-definite by construction; when its float32 rounding leaves eigenvalues below ``−λ``
+        (repetitive calibration data, a large ``‖A‖``), the negative part is clipped to zero
+        first (an eigen-decomposition of this one factor, with a warning) rather than failing
+        or, as the reference does, continuing with a broken factor."""
         Z = input_factor.to(torch.float64, copy=True)
         Z.diagonal().add_(self.input_damping)
         L, info = torch.linalg.cholesky_ex(Z)
-        del Z
+        if info.item() == 0:
+            return L
+        values, vectors = torch.linalg.eigh(input_factor.double())
+        clipped = int((values < 0).sum())
+        warnings.warn(f"layer {name!r}: the input factor A has {clipped} slightly negative eigenvalues from float32 "
+                      f"rounding (down to {values.min().item():.2e}; damping {self.input_damping:g}); they are "
+                      "clipped to zero", RuntimeWarning, stacklevel=2)
+        Z = (vectors * values.clamp_min(0)) @ vectors.T
+        Z.diagonal().add_(self.input_damping)
+        L, info = torch.linalg.cholesky_ex(Z)
         if info.item() != 0:
             raise ValueError(f"layer {name!r}: the damped input factor A + {self.input_damping}·I is not positive "
-                             "definite; increase input_damping")
+                             "definite even after clipping A's rounding; increase input_damping")
         return L
 
     def guidance(self, name: str, layer, cholesky: torch.Tensor, damped_inverse: torch.Tensor | None,

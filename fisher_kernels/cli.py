@@ -1,0 +1,207 @@
+"""The ``fisher-kernels`` command.
+
+    fisher-kernels init MODEL_DIR DATA.jsonl --method filet --r 16 --out OUT
+    fisher-kernels estimate MODEL_DIR --method filet --r 16 --batch-size 8 --seq-len 512
+    fisher-kernels plot OUT/adapter/fisher_kernels_report.json --out PLOTS
+
+``init`` loads a causal LM and its tokenizer from a local directory, tokenises a JSONL file (one
+object per line: ``{"text": ...}``, or ``{"messages": [...]}`` rendered with the tokenizer's chat
+template), runs ``init_lora`` with a progress bar and saves ``OUT/adapter`` (the PEFT adapter and
+``fisher_kernels_report.json``: how it was made) and, when the method changed the base weights,
+``OUT/base`` (the residual base model; load the adapter onto it). ``estimate`` builds the model
+on the ``meta`` device from its config (no weights read) and prints the memory estimate.
+``plot`` draws each layer's candidate scores (FILet's Fisher energy) over the candidate index
+with the chosen directions marked, and the ranks across layers. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPORT_NAME = "fisher_kernels_report.json"
+
+
+def read_jsonl(path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not ({"text", "messages"} & set(row)):
+                raise ValueError(f"{path}:{number}: expected an object with 'text' or 'messages'")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    return rows
+
+
+def tokenise(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Examples for ``init_lora``: input ids, attention mask, and labels equal to the ids (a
+    causal LM's loss over the whole text)."""
+    examples = []
+    for row in rows:
+        if "messages" in row:
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError("the data has chat 'messages' but the tokenizer has no chat template")
+            text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        else:
+            text = row["text"]
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        if ids:
+            examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
+    return examples
+
+
+def command_init(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import init_lora, save_residual_model
+
+    options = json.loads(args.options) if args.options else {}
+    rows = read_jsonl(args.data)  # bad data fails before any model is loaded
+    dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    examples = tokenise(rows, tokenizer, args.max_length)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
+    if tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    peft_model = init_lora(model, examples, method=args.method, r=args.r, lora_alpha=args.lora_alpha,
+                           num_batches=args.num_batches, progress=True, **options)
+    out = Path(args.out)
+    report = peft_model.fisher_kernels_report
+    if report.residual_base:
+        save_residual_model(peft_model, out / "adapter", out / "base")
+        tokenizer.save_pretrained(out / "base")
+        where = f"{out / 'adapter'} (load it onto the residual base {out / 'base'})"
+    else:
+        peft_model.save_pretrained(out / "adapter")
+        where = f"{out / 'adapter'} (load it onto the original model)"
+    report.save(out / "adapter" / REPORT_NAME)
+    print(f"{args.method}: {len(report.layers)} layers, r = {report.r}, {report.num_batches} batches; "
+          f"{report.timings['total']:.1f} s. Adapter: {where}")
+
+
+def command_estimate(args) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import estimate_memory
+
+    config = AutoConfig.from_pretrained(args.model)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    estimate = estimate_memory(model, method=args.method, r=args.r, batch_size=args.batch_size, seq_len=args.seq_len)
+    print(estimate)
+
+
+def command_plot(args) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("plot needs matplotlib: pip install matplotlib") from None
+    with open(args.report) as f:
+        report = json.load(f)
+    layers = {name: info for name, info in report["layers"].items() if info.get("scores")}
+    if not layers:
+        raise ValueError(f"{args.report}: the report holds no per-candidate scores (method {report['method']!r})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = min(4, len(layers))
+    rows = -(-len(layers) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.6 * rows), squeeze=False)
+    for ax, (name, info) in zip(axes.flat, layers.items()):
+        scores = info["scores"]
+        ax.semilogy(range(len(scores)), [max(s, 1e-30) for s in scores], lw=0.8, color="0.4")
+        chosen = info.get("selected") or []
+        ax.scatter(chosen, [max(scores[i], 1e-30) for i in chosen], s=10, color="C3", zorder=3, label="chosen")
+        ax.set_title(name, fontsize=7)
+        ax.set_xlabel("singular-value index", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    fig.suptitle(f"{report['method']}: score of every candidate direction (chosen in red)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "scores.png", dpi=120)
+    plt.close(fig)
+    ranks = {name: info["rank"] for name, info in report["layers"].items() if info.get("rank")}
+    fig, ax = plt.subplots(figsize=(max(4, 0.25 * len(ranks)), 3))
+    ax.bar(range(len(ranks)), list(ranks.values()), color="C0")
+    ax.set_xticks(range(len(ranks)), list(ranks), rotation=90, fontsize=5)
+    ax.set_ylabel("rank")
+    ax.set_title(f"rank per layer ({sum(ranks.values())} in all)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "ranks.png", dpi=120)
+    plt.close(fig)
+    print(f"wrote {out / 'scores.png'} and {out / 'ranks.png'}")
+
+
+def parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+
+    main = argparse.ArgumentParser(prog="fisher-kernels", description="Data-aware LoRA initialisation (fisher_kernels).")
+    sub = main.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="initialise a LoRA adapter for a local causal LM from a JSONL file",
+                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    init.add_argument("model", help="local directory of a transformers causal LM and its tokenizer")
+    init.add_argument("data", help="JSONL: one {'text': ...} or {'messages': [...]} per line")
+    init.add_argument("--method", default="filet", choices=sorted(METHODS))
+    init.add_argument("--r", type=int, default=16)
+    init.add_argument("--lora-alpha", type=float, default=None)
+    init.add_argument("--max-length", type=int, default=512, help="tokens per example (truncated)")
+    init.add_argument("--num-batches", type=int, default=None, help="use at most this many batches of 8 examples")
+    init.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    init.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    init.add_argument("--options", default=None, help='method options as JSON, e.g. \'{"energy": "component"}\'')
+    init.add_argument("--out", required=True, help="output directory (adapter/, and base/ for residual methods)")
+    init.set_defaults(run=command_init)
+    estimate = sub.add_parser("estimate", help="estimate peak memory without loading any weight")
+    estimate.add_argument("model", help="local directory (or hub id, if cached) holding the model's config.json")
+    estimate.add_argument("--method", default="filet", choices=sorted(METHODS))
+    estimate.add_argument("--r", type=int, default=16)
+    estimate.add_argument("--batch-size", type=int, default=8)
+    estimate.add_argument("--seq-len", type=int, default=512)
+    estimate.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    estimate.set_defaults(run=command_estimate)
+    plot = sub.add_parser("plot", help="plot the scores and ranks of an init report")
+    plot.add_argument("report", help=f"a {REPORT_NAME} written by 'fisher-kernels init' or InitReport.save")
+    plot.add_argument("--out", default=".", help="directory for scores.png and ranks.png")
+    plot.set_defaults(run=command_plot)
+    return main
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("fisher-kernels: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line, not a traceback
+        print(f"fisher-kernels: error: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

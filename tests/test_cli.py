@@ -1,0 +1,82 @@
+"""The ``fisher-kernels`` command: init from a local model directory and a JSONL file (texts and
+chat messages), estimate from a config alone, plot a report; one-line errors."""
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import LlamaForCausalLM
+
+from fisher_kernels.cli import REPORT_NAME, main
+from tiny_models import make_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from test_trainer_workflows import _tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("model")
+    make_model("llama").save_pretrained(path)
+    tokenizer = _tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "data.jsonl"
+    lines = [{"text": " ".join(f"t{(5 * i + 3 * j) % 50 + 3}" for j in range(4 + i % 5))} for i in range(10)]
+    lines += [{"messages": [{"role": "user", "content": "t5 t6 t7"}, {"role": "assistant", "content": "t8 t9"}]}]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_init_saves_adapter_residual_base_and_report_which_reload_to_the_original_function(model_dir, data_file,
+                                                                                          tmp_path, capsys):
+    assert main(["init", str(model_dir), str(data_file), "--method", "filet", "--r", "2", "--out",
+                 str(tmp_path / "out"), "--options", '{"energy": "component"}']) == 0
+    assert "Adapter:" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "adapter" / REPORT_NAME).read_text())
+    assert report["method"] == "filet" and report["options"]["energy"] == "component" and report["version"]
+    first = next(iter(report["layers"].values()))
+    assert len(first["selected"]) == 2 and len(first["scores"]) > 2
+    reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "out" / "base"),
+                                         tmp_path / "out" / "adapter")
+    ids = torch.tensor([[3, 8, 13, 18, 23]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, make_model("llama")(input_ids=ids).logits, atol=1e-5)
+
+    assert main(["plot", str(tmp_path / "out" / "adapter" / REPORT_NAME), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "scores.png").stat().st_size > 0 and (tmp_path / "plots" / "ranks.png").exists()
+
+
+def test_init_without_base_change_saves_only_the_adapter(model_dir, data_file, tmp_path):
+    assert main(["init", str(model_dir), str(data_file), "--method", "lora_da", "--r", "2", "--out",
+                 str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    assert not (tmp_path / "out" / "base").exists()
+
+
+def test_estimate_reads_only_the_config(model_dir, capsys):
+    assert main(["estimate", str(model_dir), "--method", "filet", "--r", "2", "--batch-size", "2", "--seq-len", "16"]) == 0
+    assert "filet: peak" in capsys.readouterr().out
+
+
+def test_errors_are_one_line(tmp_path, model_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "t3"}\nnot json\n')
+    assert main(["init", str(model_dir), str(bad), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fisher-kernels: error: ValueError:") and "bad.jsonl:2: not JSON" in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        main(["init", "--help"])
+
+
+def test_the_console_script_is_declared():
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["fisher-kernels"] == "fisher_kernels.cli:main"
