@@ -30,7 +30,8 @@ from importlib import resources
 
 import torch
 
-METHODS = ["gaussian", "pissa", "milora", "kasa", "peft_kasa", "lora_ga", "filet", "filet_component", "lora_da"]
+METHODS = ["gaussian", "pissa", "milora", "kasa", "peft_kasa", "lora_ga", "filet", "filet_component", "filet_budget",
+           "lora_da"]
 KASA = ("kasa", "peft_kasa")  # trained with KaSA's regulariser added to the loss, as the paper does
 TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 
@@ -93,6 +94,10 @@ def initialise(method, model, calibration, n_train, r, alpha):
     name = method
     if method == "filet_component":
         name, options = "filet", {"energy": "component"}
+    if method == "filet_budget":  # the same total rank, spread over the layers by Fisher energy
+        from fisher_kernels import resolve_target_modules
+
+        name, options = "filet", {"rank_budget": r * len(resolve_target_modules(model, TARGETS))}
     if method == "lora_da":
         options = {"population_size": n_train}
     return init_lora(model, calibration if name not in ("pissa", "milora", "kasa") else None, method=name,

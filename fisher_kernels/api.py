@@ -15,6 +15,7 @@ from .existing_adapter import (check_adapter_config, lora_layers_of, restore_ada
                                write_adapter)
 from .layers import layer_dims, resolve_target_modules, trainable_heads, weight_matrix
 from .methods import METHODS, LayerInit, lora_scale
+from .rank_allocation import allocate_ranks, rank_patterns, truncated
 from .peft_wiring import (apply_base_updates, make_lora_config, remove_peft_layers, revert_base_updates,
                           wrap_with_lora)
 from .statistics import KFACStatistics, StatisticsRequest, collect_statistics, model_fingerprint
@@ -45,6 +46,7 @@ class InitReport:
     layers: dict[str, LayerInit] = field(default_factory=dict)
     initial_adapter: dict = field(default_factory=dict, repr=False)  # {layer: (lora_A0, lora_B0)}, residual methods
     options: dict = field(default_factory=dict)  # the method options and pass settings it was called with
+    ranks: dict[str, int] = field(default_factory=dict)  # per-layer ranks when a rank budget was allocated
 
     def to_dict(self) -> dict:
         """A JSON-ready summary: method, options, timings, token counts, and per layer the
@@ -354,6 +356,9 @@ def init_lora(
     max_stats_memory: int | str | None = None,
     micro_batch_size: int | None = None,
     adapter_name: str = "default",
+    rank_budget: int | None = None,
+    min_rank: int = 1,
+    max_rank: int | None = None,
     **method_options,
 ):
     """Initialise LoRA adapters from calibration data and return a ready-to-train ``PeftModel``.
@@ -398,6 +403,13 @@ def init_lora(
             overwritten in place, so an optimizer that holds them stays valid; the statistics
             are those of the model with every adapter switched off; other adapters' parameters
             are not touched (a residual method changes the base weights they share: warned).
+        rank_budget: FILet only: the total rank over all target layers (e.g. ``r ×`` the number of
+            layers keeps the adapter's size), spread across layers by Fisher energy (the globally
+            largest candidate energies; see :mod:`fisher_kernels.rank_allocation`), each layer
+            between ``min_rank`` (default 1) and ``max_rank`` (default 4 × the mean rank). The
+            per-layer ranks go into the config's ``rank_pattern`` (and ``alpha_pattern``, keeping
+            every layer's scale), so the saved adapter reloads in plain PEFT; ``r`` (default: the
+            budget over the number of layers) and ``lora_alpha`` set the scale.
         **method_options: passed to the method, e.g. ``energy="component"``, ``route="full"``,
             ``candidates=64`` for FILet; ``variance_strength``, ``population_size``,
             ``stable_gamma``, ``damping``, ``solver`` for LoRA-DA.
@@ -436,6 +448,15 @@ def init_lora(
         lora_alpha = lora_config.lora_alpha
         if target_modules is None:
             target_modules = lora_config.target_modules
+    _check_model(model)
+    if rank_budget is not None:
+        if method != "filet":
+            raise ValueError(f"rank_budget needs scores of single directions that compare across layers (FILet's "
+                             f"Fisher energies); method {method!r} computes one subspace per layer from statistics "
+                             "that give no such score: use method='filet'")
+        rank_budget = _check_rank(rank_budget)
+        if r is None:
+            r = max(1, round(rank_budget / len(resolve_target_modules(model, target_modules))))
     r = 16 if r is None else r
     _check_rank(r)
     lora_alpha = r if lora_alpha is None else lora_alpha
@@ -444,7 +465,6 @@ def init_lora(
     use_rslora = bool(getattr(lora_config, "use_rslora", False))
     scale = lora_scale(lora_alpha, r, use_rslora)
 
-    _check_model(model)
     names = resolve_target_modules(model, target_modules)
     conv1d = [n for n in names if not isinstance(model.get_submodule(n), nn.Linear)]
     if conv1d and len(conv1d) != len(names):
@@ -454,11 +474,22 @@ def init_lora(
     config = make_lora_config(names, r, lora_alpha, lora_config, fan_in_fan_out=bool(conv1d), kasa=method == "kasa",
                               heads=trainable_heads(model), method=method)
     names = config.target_modules
+    computed_rank = r
+    if rank_budget is not None:  # FILet's factors for the most directions any layer may get, then cut
+        smallest = min(min(layer_dims(model.get_submodule(n))) for n in names)
+        max_rank = 4 * -(-rank_budget // len(names)) if max_rank is None else _check_rank(max_rank)
+        computed_rank = min(max_rank, smallest)
     report = compute_initialization(
-        model, loader, method=method, r=r, scale=scale, target_modules=names, num_batches=num_batches,
+        model, loader, method=method, r=computed_rank, scale=scale, target_modules=names, num_batches=num_batches,
         loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend, progress=progress, seed=seed,
         statistics=statistics, max_stats_memory=max_stats_memory, micro_batch_size=micro_batch_size, **method_options,
     )
+    if rank_budget is not None:
+        report.ranks = allocate_ranks({n: init.scores for n, init in report.layers.items()}, rank_budget,
+                                      min_rank, computed_rank)
+        report.layers = {n: truncated(init, report.ranks[n], scale) for n, init in report.layers.items()}
+        report.r = r
+        config.rank_pattern, config.alpha_pattern = rank_patterns(report.ranks, scale, use_rslora)
     return _wire(model, report, config, scale, progress)
 
 
