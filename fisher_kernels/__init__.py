@@ -11,6 +11,8 @@ from .layers import resolve_target_modules
 from .memory import MemoryEstimate, estimate_memory
 from .methods import METHODS
 from .ops import backends
+from .options import (FiletOptions, GaussianOptions, KaSAOptions, LoraDAOptions, LoraGAOptions, MethodOptions,
+                      MiLoRAOptions, PiSSAOptions)
 from .peft_wiring import save_residual_model
 from .statistics import (KFACStatistics, LayerStatistics, StatisticsRequest, collect_statistics,
                          full_statistics_requests, load_statistics, save_statistics)
@@ -21,6 +23,7 @@ __all__ = [
     "init_lora", "compute_initialization", "estimate_memory", "MemoryEstimate", "collect_statistics", "full_statistics_requests", "load_statistics",
     "save_statistics", "save_as_plain_lora", "snapshot_adapter", "plan_layer_groups", "backends", "save_residual_model",
     "resolve_target_modules", "InitReport", "KFACStatistics", "LayerStatistics", "StatisticsRequest", "METHODS",
-    "FisherInitCallback",
+    "FisherInitCallback", "MethodOptions", "FiletOptions", "LoraDAOptions", "LoraGAOptions", "KaSAOptions",
+    "PiSSAOptions", "MiLoRAOptions", "GaussianOptions",
     "__version__",
 ]

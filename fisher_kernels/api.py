@@ -15,6 +15,7 @@ from .existing_adapter import (check_adapter_config, lora_layers_of, restore_ada
                                write_adapter)
 from .layers import layer_dims, resolve_target_modules, trainable_heads, weight_matrix
 from .methods import METHODS, LayerInit, lora_scale
+from .options import method_and_options
 from .rank_allocation import allocate_ranks, rank_patterns, truncated
 from .peft_wiring import (apply_base_updates, make_lora_config, remove_peft_layers, revert_base_updates,
                           wrap_with_lora)
@@ -212,6 +213,7 @@ def compute_initialization(
     made beyond one layer's temporaries.
     """
     _check_model(model)
+    method, method_options = method_and_options(method, method_options)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
     r = _check_rank(r)
@@ -429,6 +431,7 @@ def init_lora(
     """
     from peft import LoraConfig, PeftModel
 
+    method, method_options = method_and_options(method, method_options)
     if isinstance(model, PeftModel):
         if target_modules is not None or lora_config is not None:
             raise ValueError("model is a PeftModel: its adapter's config says what to initialise, so target_modules "
