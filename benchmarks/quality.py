@@ -20,7 +20,6 @@ and standard deviation over seeds, as a markdown table and a PNG of the learning
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import random

@@ -19,7 +19,7 @@ from .options import method_and_options
 from .rank_allocation import allocate_ranks, rank_patterns, truncated
 from .peft_wiring import (apply_base_updates, make_lora_config, remove_peft_layers, revert_base_updates,
                           wrap_with_lora)
-from .statistics import KFACStatistics, StatisticsRequest, collect_statistics, model_fingerprint
+from .statistics import KFACStatistics, collect_statistics, model_fingerprint
 from .statistics.batches import as_batches
 
 

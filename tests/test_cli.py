@@ -2,7 +2,6 @@
 chat messages), estimate from a config alone, plot a report; one-line errors."""
 
 import json
-import sys
 import tomllib
 from pathlib import Path
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from brute_force import brute_force_statistics
-from fisher_kernels import (StatisticsRequest, collect_statistics, compute_initialization, estimate_memory, init_lora,
-                            resolve_target_modules)
+from fisher_kernels import (StatisticsRequest, collect_statistics, compute_initialization, estimate_memory, resolve_target_modules)
 from fisher_kernels.layers import weight_matrix
 from fisher_kernels.methods.common import complete_triplets, singular_basis
 from fisher_kernels.peft_wiring import add_low_rank_

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 from torch import nn
 
 from .containers import KFACStatistics, LayerStatistics, model_fingerprint, tensor_hash
