@@ -17,6 +17,7 @@ from .layers import layer_dims, resolve_target_modules, trainable_heads, weight_
 from .methods import METHODS, LayerInit, lora_scale
 from .options import method_and_options
 from .rank_allocation import allocate_ranks, rank_patterns, truncated
+from .split_work import broadcast_results, compute_share, deal, rank_and_world
 from .peft_wiring import (apply_base_updates, make_lora_config, remove_peft_layers, revert_base_updates,
                           wrap_with_lora)
 from .statistics import KFACStatistics, collect_statistics, model_fingerprint
@@ -48,6 +49,7 @@ class InitReport:
     initial_adapter: dict = field(default_factory=dict, repr=False)  # {layer: (lora_A0, lora_B0)}, residual methods
     options: dict = field(default_factory=dict)  # the method options and pass settings it was called with
     ranks: dict[str, int] = field(default_factory=dict)  # per-layer ranks when a rank budget was allocated
+    split_ranks: int = 1  # torch.distributed ranks that shared the per-layer work (1: this process did all)
 
     def to_dict(self) -> dict:
         """A JSON-ready summary: method, options, timings, token counts, and per layer the
@@ -123,6 +125,30 @@ def plan_layer_groups(layer_bytes: dict[str, int], max_stats_memory: int | None)
         used += need
     groups.append(current)
     return groups
+
+
+def _initialized(init_method, weights, names, stats, prepared, statistics):
+    """``(name, LayerInit)`` for ``names``, each checked finite; every layer's statistics and
+    prepared basis are freed as soon as its result exists (shared input factors with their last user)."""
+    for name, init in init_method.initialize({n: weights[n] for n in names}, stats, prepared):
+        for key, value in init.tensors().items():
+            if not torch.isfinite(value).all():
+                raise ValueError(f"layer {name!r}: the computed {key} is not finite")
+        prepared.pop(name, None)
+        if stats is not None and statistics is None:
+            stats.layers.pop(name)
+        yield name, init
+
+
+def _solve_units(names: list[str], stats) -> list[list[str]]:
+    """Layers that are initialised together: those sharing one input factor (LoRA-DA solves them
+    with one factorisation), else each layer alone; in model order."""
+    units: dict[str, list[str]] = {}
+    for name in names:
+        layer = None if stats is None else stats.layers.get(name)
+        key = (layer.input_factor_shared_with if layer is not None else None) or name
+        units.setdefault(key, []).append(name)
+    return list(units.values())
 
 
 def _check_statistics(model, statistics: KFACStatistics, requests, init_method) -> None:
@@ -263,9 +289,18 @@ def compute_initialization(
                              "so the loader must be re-iterable (a DataLoader or a list, not a generator)")
         report.memory_plan += f"; {len(groups)} calibration pass{'es' if len(groups) > 1 else ''}"
 
+    rank, world = rank_and_world()
+    split = world > 1 and init_method.splittable  # each rank computes its share of the layers
+    report.split_ranks = world if split else 1
     for group in groups:
         t = time.perf_counter()
-        prepared = {n: init_method.prepare(n, weights[n]) for n in group}
+        if split:
+            owner = deal([[n] for n in group], world)
+            mine = compute_share(lambda: {n: init_method.prepare(n, weights[n]) for n in group if owner[n] == rank},
+                                 owner, rank)
+            prepared = broadcast_results(mine, owner, group, weights[group[0]].device)
+        else:
+            prepared = {n: init_method.prepare(n, weights[n]) for n in group}
         report.prepared_bytes = max(report.prepared_bytes, sum(_nbytes(p) for p in prepared.values()))
         report.timings["decomposition"] += time.perf_counter() - t
         stats = None
@@ -294,14 +329,13 @@ def compute_initialization(
             report.num_tokens.update({n: stats[n].num_tokens for n in group})
         t = time.perf_counter()
         with torch.no_grad():
-            for name, init in init_method.initialize({n: weights[n] for n in group}, stats, prepared):
-                for key, value in init.tensors().items():
-                    if not torch.isfinite(value).all():
-                        raise ValueError(f"layer {name!r}: the computed {key} is not finite")
-                report.layers[name] = init
-                prepared.pop(name, None)
-                if stats is not None and statistics is None:
-                    stats.layers.pop(name)  # free what this layer used; shared input factors go with their last user
+            if split:
+                owner = deal(_solve_units(group, stats), world)
+                mine = compute_share(lambda: dict(_initialized(init_method, weights, [n for n in group if owner[n] == rank],
+                                                               stats, prepared, statistics)), owner, rank)
+                report.layers.update(broadcast_results(mine, owner, group, weights[group[0]].device))
+            else:
+                report.layers.update(_initialized(init_method, weights, group, stats, prepared, statistics))
         report.timings["initialization"] += time.perf_counter() - t
         del stats, prepared
     report.stats_bytes = max(report.stats_bytes_per_group, default=0)

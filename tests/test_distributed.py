@@ -113,3 +113,46 @@ def test_a_rank_that_fails_tells_the_others_which_raise_instead_of_waiting(tmp_p
     assert "read error on shard 1" in message and message.startswith("OSError")
     (message,) = other.values()
     assert message.startswith("RuntimeError: rank 1 failed during the calibration pass") and "read error" in message
+
+
+def _split_rank_main(rank, world_size, init_file, out_dir):
+    from fisher_kernels import compute_initialization
+    from tiny_models import make_model, make_samples, pad_batches
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = make_model("llama")
+        shard = pad_batches(make_samples("llama", n=8), 2)[rank::world_size]
+        results = {}
+        for method in ("pissa", "filet", "lora_da", "kasa"):
+            report = compute_initialization(model, shard if method != "pissa" else None, method=method, r=3,
+                                            progress=False)
+            results[method] = ({n: (i.lora_A, i.lora_B, i.base_update) for n, i in report.layers.items()},
+                               report.split_ranks)
+        torch.save(results, os.path.join(out_dir, f"split{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_per_layer_work_is_split_across_ranks_and_every_rank_gets_every_result(tmp_path):
+    """Decompositions and selections are dealt over the ranks and broadcast: each rank holds the
+    same results as one process (KaSA, whose random stream runs over the layers in order, is not split)."""
+    from fisher_kernels import compute_initialization
+    from tiny_models import make_model, make_samples, pad_batches
+
+    mp.spawn(_split_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"split{r}.pt") for r in range(2)]
+    model = make_model("llama")
+    for method in ("pissa", "filet", "lora_da", "kasa"):
+        single = compute_initialization(model, pad_batches(make_samples("llama", n=8), 2) if method != "pissa" else None,
+                                        method=method, r=3, progress=False)
+        assert ranks[0][method][1] == (1 if method == "kasa" else 2)
+        for name, init in single.layers.items():
+            A0, B0, update0 = ranks[0][method][0][name]
+            A1, B1, update1 = ranks[1][method][0][name]
+            assert torch.equal(A0, A1) and torch.equal(B0, B1), (method, name)
+            expected = init.lora_B @ init.lora_A
+            assert torch.allclose(B0 @ A0, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()), (method, name)
+            if init.base_update is not None:
+                assert torch.equal(update0[0], update1[0]) and torch.equal(update0[1], update1[1])

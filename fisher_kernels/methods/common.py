@@ -200,6 +200,7 @@ class InitMethod:
     needs_data: bool = False       # True: statistics_request asks for a calibration pass
     holds_layer_inputs: bool = False  # its statistics need each layer's input until the backward pass (∇W)
     shares_input_factor: bool = False  # layers that read the same input share one input factor
+    splittable: bool = True  # under torch.distributed, ranks may initialise different layers
 
     def __init__(self, r: int, scale: float):
         self.r, self.scale = r, scale

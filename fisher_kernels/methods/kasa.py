@@ -30,6 +30,7 @@ class KaSA(InitMethod):
     for the r smallest singular components (``"gram64"`` by default, ``"svd"`` as PEFT)."""
 
     name = "kasa"
+    splittable = False  # one random stream over the layers, in order: every rank draws it whole
     residual_base = False  # the base changes too, by truncation, not by W − s·B₀A₀
 
     def __init__(self, r, scale, *, seed: int = 0, svd_driver: str = "gram64"):

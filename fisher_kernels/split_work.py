@@ -1,0 +1,77 @@
+"""Splitting the per-layer work (decompositions, selections, solves) across ``torch.distributed``
+ranks: each rank computes its share of the layers, then every result is broadcast from the rank
+that computed it, so every rank ends with all of them, as one process would.
+
+Units of work are single layers, or groups of layers that must be solved together (LoRA-DA's
+layers that share one input factor). Units are dealt round-robin in model order. Every rank
+performs the same collectives in the same order whatever happens: a rank whose share failed says
+so in one ``all_gather_object`` before any broadcast, and then every rank raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def deal(units: list[list[str]], world: int) -> dict[str, int]:
+    """``{layer: owning rank}``: units dealt round-robin."""
+    return {name: index % world for index, unit in enumerate(units) for name in unit}
+
+
+def _moved(value, device):
+    """``value`` with every tensor inside (tuples, lists, dicts, dataclasses such as LayerInit and
+    SingularBasis) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _moved(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+def compute_share(work, owner: dict[str, int], rank: int) -> dict:
+    """Run ``work()`` (which returns ``{layer: result}`` for this rank's layers), tell every rank
+    whether it succeeded, and raise on every rank if one failed."""
+    import torch.distributed as dist
+
+    results, error = {}, None
+    try:
+        results = work()
+    except Exception as err:  # reported to the others before raising here
+        error = err
+    statuses = [None] * dist.get_world_size()
+    dist.all_gather_object(statuses, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, message) for r, message in enumerate(statuses) if message is not None]
+    if failed:
+        raise RuntimeError(f"rank {failed[0][0]} failed computing its share of the layers, so this rank stops "
+                           f"too: {failed[0][1]}")
+    return results
+
+
+def broadcast_results(results: dict, owner: dict[str, int], names: list[str], device) -> dict:
+    """Every layer's result, each broadcast from its owner (through the CPU, then to ``device``)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    out = {}
+    for name in names:
+        box = [_moved(results[name], "cpu") if owner[name] == rank else None]
+        dist.broadcast_object_list(box, src=owner[name])
+        out[name] = _moved(box[0], device)
+    return out
