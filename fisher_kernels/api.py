@@ -221,6 +221,7 @@ def compute_initialization(
     statistics: KFACStatistics | None = None,
     max_stats_memory: int | str | None = None,
     micro_batch_size: int | None = None,
+    distributed: bool | None = None,
     **method_options,
 ) -> InitReport:
     """Compute every target layer's ``LayerInit`` without touching the model.
@@ -230,7 +231,10 @@ def compute_initialization(
     ``statistics`` reuses a :class:`KFACStatistics` from an earlier pass (or a cache file)
     instead of a new one. ``max_stats_memory`` (bytes, or ``"auto"``) splits the target layers
     into groups whose statistics and bases fit, one calibration pass per group; results are
-    identical to one pass.
+    identical to one pass. Under ``torch.distributed`` the statistics are summed over the ranks
+    and the per-layer work is split across them (see :mod:`fisher_kernels.split_work`);
+    ``distributed=False`` keeps everything in this process (``None``: whether a process group is
+    initialised).
 
     Memory: the work is streamed. Each group of layers is decomposed one layer at a time (only
     what the method needs through the pass is kept, e.g. FILet's smaller singular basis in the
@@ -289,7 +293,7 @@ def compute_initialization(
                              "so the loader must be re-iterable (a DataLoader or a list, not a generator)")
         report.memory_plan += f"; {len(groups)} calibration pass{'es' if len(groups) > 1 else ''}"
 
-    rank, world = rank_and_world()
+    rank, world = rank_and_world() if distributed is not False else (0, 1)
     split = world > 1 and init_method.splittable  # each rank computes its share of the layers
     report.split_ranks = world if split else 1
     for group in groups:
@@ -314,7 +318,8 @@ def compute_initialization(
                 stats = collect_statistics(
                     model, loader, requests, loss_fn=loss_fn, token_mask=token_mask, fisher=fisher,
                     num_batches=num_batches, backend=backend, progress=progress, seed=seed,
-                    loss_weighting=init_method.loss_weighting, micro_batch_size=micro_batch_size)
+                    loss_weighting=init_method.loss_weighting, micro_batch_size=micro_batch_size,
+                    distributed=distributed)
             report.timings["statistics"] += time.perf_counter() - t
             if statistics is None:
                 passes.append(stats.data_fingerprint)
@@ -391,6 +396,7 @@ def init_lora(
     statistics: KFACStatistics | None = None,
     max_stats_memory: int | str | None = None,
     micro_batch_size: int | None = None,
+    distributed: bool | None = None,
     adapter_name: str = "default",
     rank_budget: int | None = None,
     min_rank: int = 1,
@@ -432,6 +438,8 @@ def init_lora(
         micro_batch_size: split each calibration batch into forward+backward passes of at most
             this many sequences: identical statistics, activations of one micro-batch at a time
             (the calibration pass is usually the largest memory cost after the model).
+        distributed: ``None`` (default): under ``torch.distributed``, statistics summed over the
+            ranks and the per-layer work split across them; ``False``: this process alone.
         adapter_name: when ``model`` is already a ``PeftModel`` (e.g. made by TRL from a
             ``peft_config``), the LoRA adapter of that name is initialised in place: its ``r``,
             ``lora_alpha``, rsLoRA and targets come from its config (``target_modules`` and
@@ -474,7 +482,7 @@ def init_lora(
             model, loader, adapter_name, method, r, lora_alpha, progress,
             dict(num_batches=num_batches, loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend,
                  progress=progress, seed=seed, statistics=statistics, max_stats_memory=max_stats_memory,
-                 micro_batch_size=micro_batch_size, **method_options))
+                 micro_batch_size=micro_batch_size, distributed=distributed, **method_options))
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
     if lora_config is not None:
@@ -519,7 +527,8 @@ def init_lora(
     report = compute_initialization(
         model, loader, method=method, r=computed_rank, scale=scale, target_modules=names, num_batches=num_batches,
         loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend, progress=progress, seed=seed,
-        statistics=statistics, max_stats_memory=max_stats_memory, micro_batch_size=micro_batch_size, **method_options,
+        statistics=statistics, max_stats_memory=max_stats_memory, micro_batch_size=micro_batch_size,
+        distributed=distributed, **method_options,
     )
     if rank_budget is not None:
         report.ranks = allocate_ranks({n: init.scores for n, init in report.layers.items()}, rank_budget,

@@ -156,3 +156,31 @@ def test_the_per_layer_work_is_split_across_ranks_and_every_rank_gets_every_resu
             assert torch.allclose(B0 @ A0, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()), (method, name)
             if init.base_update is not None:
                 assert torch.equal(update0[0], update1[0]) and torch.equal(update0[1], update1[1])
+
+
+def _local_rank_main(rank, world_size, init_file, out_dir):
+    from fisher_kernels import compute_initialization
+    from tiny_models import make_model, make_samples, pad_batches
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        if rank == 0:  # only rank 0 initialises, on its own data: no collective may run
+            report = compute_initialization(make_model("llama"), pad_batches(make_samples("llama", n=4), 2),
+                                            method="lora_da", r=2, progress=False, distributed=False)
+            torch.save({n: i.lora_A for n, i in report.layers.items()}, os.path.join(out_dir, "local.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_false_runs_a_local_initialisation_inside_a_process_group(tmp_path):
+    from fisher_kernels import compute_initialization
+    from tiny_models import make_model, make_samples, pad_batches
+
+    mp.spawn(_local_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    local = torch.load(tmp_path / "local.pt")
+    single = compute_initialization(make_model("llama"), pad_batches(make_samples("llama", n=4), 2), method="lora_da",
+                                    r=2, progress=False)
+    for name, init in single.layers.items():
+        assert torch.allclose(local[name], init.lora_A, atol=1e-5), name

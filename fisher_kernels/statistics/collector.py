@@ -337,6 +337,7 @@ def collect_statistics(
     seed: int = 0,
     loss_weighting: str = "token",
     micro_batch_size: int | None = None,
+    distributed: bool | None = None,
 ) -> KFACStatistics:
     """Run one calibration pass over ``loader`` and return the requested statistics.
 
@@ -367,7 +368,8 @@ def collect_statistics(
 
     Under ``torch.distributed`` (each rank iterating its own shard of the data), the sums and
     token counts are all-reduced once at the end, so every rank returns the statistics of the
-    union of the data, as one process over all of it would.
+    union of the data, as one process over all of it would. ``distributed=False`` keeps the pass
+    local to this process even inside a process group (``None``: whether a group is initialised).
 
     The model is run in eval mode (dropout off) and is left exactly as found: hooks removed,
     ``requires_grad``, ``.grad`` and train/eval mode of every module restored, also when the
@@ -415,7 +417,7 @@ def collect_statistics(
         model.eval()
         bar = tqdm(batches, total=total, desc="fisher_kernels: calibration", unit="batch", disable=not progress)
         batch_iter = iter(bar)
-        distributed = _distributed()
+        distributed = _distributed() if distributed is None else bool(distributed) and _distributed()
         try:
             first_batch = _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn, fisher,
                                     generator, micro_batch_size, loss_weighting, needs_gradients)
