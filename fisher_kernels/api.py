@@ -95,6 +95,23 @@ def _check_rank(r) -> int:
 _EXISTING_ADAPTER = contextvars.ContextVar("fisher_kernels_existing_adapter", default=False)
 
 
+def _sharded_parameter(model) -> tuple[str, str] | None:
+    """``(name, kind)`` of the first parameter sharded by FSDP (FSDP2's DTensor, FSDP1's flat
+    parameters) or DeepSpeed ZeRO-3, else ``None``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()  # noqa: N806
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            return name, "a DTensor: FSDP2 / tensor parallel"
+        if type(p).__name__ == "FlatParameter" or "_fsdp_wrapped_module" in name:
+            return name, "FSDP1"
+        if hasattr(p, "ds_id"):
+            return name, "DeepSpeed ZeRO-3"
+    return None
+
+
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -102,6 +119,11 @@ def _check_model(model) -> None:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover
         return
+    sharded = _sharded_parameter(model)
+    if sharded is not None:
+        raise TypeError(f"parameter {sharded[0]!r} is sharded ({sharded[1]}): FSDP / DeepSpeed ZeRO-3 models are not "
+                        "supported yet. Initialise the unsharded model (e.g. init_lora before fully_shard / "
+                        "deepspeed.initialize, or on CPU), save it, then shard it for training")
     if not _EXISTING_ADAPTER.get() and any(isinstance(m, LoraLayer) for m in model.modules()):
         raise TypeError("model holds LoRA layers but is not a PeftModel: pass the base model, or the PeftModel "
                         "itself to initialise one of its adapters")

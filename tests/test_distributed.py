@@ -184,3 +184,33 @@ def test_distributed_false_runs_a_local_initialisation_inside_a_process_group(tm
                                     r=2, progress=False)
     for name, init in single.layers.items():
         assert torch.allclose(local[name], init.lora_A, atol=1e-5), name
+
+
+def _fsdp_rank_main(rank, world_size, init_file, out_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    from fisher_kernels import init_lora
+    from tiny_models import make_model, make_samples, pad_batches
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = make_model("llama")
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        try:
+            init_lora(model, pad_batches(make_samples("llama", n=4), 2), r=2, progress=False)
+            message = "no error"
+        except TypeError as err:
+            message = str(err)
+        torch.save(message, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_models_are_refused_with_the_workaround(tmp_path):
+    mp.spawn(_fsdp_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        message = torch.load(tmp_path / f"fsdp{rank}.pt")
+        assert "is sharded (a DTensor: FSDP2" in message and "init_lora before fully_shard" in message, message
