@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import numbers
 import time
 from dataclasses import dataclass, field
@@ -160,6 +161,10 @@ def _initialized(init_method, weights, names, stats, prepared, statistics):
         if stats is not None and statistics is None:
             stats.layers.pop(name)
         yield name, init
+
+
+def _initialized_dict(*args) -> dict:
+    return dict(_initialized(*args))
 
 
 def _solve_units(names: list[str], stats) -> list[list[str]]:
@@ -358,8 +363,9 @@ def compute_initialization(
         with torch.no_grad():
             if split:
                 owner = deal(_solve_units(group, stats), world)
-                mine = compute_share(lambda: dict(_initialized(init_method, weights, [n for n in group if owner[n] == rank],
-                                                               stats, prepared, statistics)), owner, rank)
+                share = [n for n in group if owner[n] == rank]
+                mine = compute_share(functools.partial(_initialized_dict, init_method, weights, share, stats, prepared,
+                                                       statistics), owner, rank)
                 report.layers.update(broadcast_results(mine, owner, group, weights[group[0]].device))
             else:
                 report.layers.update(_initialized(init_method, weights, group, stats, prepared, statistics))
