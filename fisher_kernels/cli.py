@@ -84,7 +84,8 @@ def command_init(args) -> None:
     else:
         peft_model.save_pretrained(out / "adapter")
         where = f"{out / 'adapter'} (load it onto the original model)"
-    report.save(out / "adapter" / REPORT_NAME)
+    if not report.residual_base:  # save_residual_model writes it for the others
+        report.save(out / "adapter" / REPORT_NAME)
     print(f"{args.method}: {len(report.layers)} layers, r = {report.r}, {report.num_batches} batches; "
           f"{report.timings['total']:.1f} s. Adapter: {where}")
 

@@ -227,15 +227,21 @@ def revert_base_updates(model: nn.Module, done: list) -> None:
 
 
 def save_residual_model(peft_model, adapter_dir: str, base_dir: str) -> None:
-    """Save a model whose base weights the method changed: the adapter to ``adapter_dir`` and
-    the residual base model (``W' = W − s·B A``) to ``base_dir``.
+    """Save a model whose base weights the method changed: the adapter to ``adapter_dir`` (with
+    ``fisher_kernels_report.json``, how it was made) and the residual base model
+    (``W' = W − s·B A``) to ``base_dir``.
 
     Reload with ``PeftModel.from_pretrained(AutoModel...from_pretrained(base_dir), adapter_dir)``.
     To get a plain LoRA adapter for the *original* model instead, use PEFT's conversion path
     (``save_pretrained(..., path_initial_model_for_weight_conversion=...)``, as for PiSSA).
     The model passed in is left as it was.
     """
+    import os
+
     peft_model.save_pretrained(adapter_dir)
+    report = getattr(peft_model, "fisher_kernels_report", None)
+    if report is not None:  # how the adapter was made, beside it
+        report.save(os.path.join(str(adapter_dir), "fisher_kernels_report.json"))
     base = copy.deepcopy(peft_model).unload()
     base.save_pretrained(base_dir)
 

@@ -338,6 +338,7 @@ def collect_statistics(
     loss_weighting: str = "token",
     micro_batch_size: int | None = None,
     distributed: bool | None = None,
+    fingerprint: bool = True,
 ) -> KFACStatistics:
     """Run one calibration pass over ``loader`` and return the requested statistics.
 
@@ -370,6 +371,8 @@ def collect_statistics(
     token counts are all-reduced once at the end, so every rank returns the statistics of the
     union of the data, as one process over all of it would. ``distributed=False`` keeps the pass
     local to this process even inside a process group (``None``: whether a group is initialised).
+    ``fingerprint=False`` skips hashing the model's weights at the end (then the statistics cannot
+    be checked against a model later, e.g. after ``save``).
 
     The model is run in eval mode (dropout off) and is left exactly as found: hooks removed,
     ``requires_grad``, ``.grad`` and train/eval mode of every module restored, also when the
@@ -434,7 +437,7 @@ def collect_statistics(
         if stats.num_batches == 0:
             raise ValueError("the calibration loader yielded no batch")
         stats.layers = hooks.finalize(stats.loss_units, per_token=loss_weighting == "token" or loss_fn is not None)
-    stats.fingerprint = model_fingerprint(model, list(stats.layers))
+    stats.fingerprint = model_fingerprint(model, list(stats.layers)) if fingerprint else None
     return stats
 
 
