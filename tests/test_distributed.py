@@ -1,6 +1,8 @@
 """Two processes on the gloo backend, each with half of the data, give the same initialisation
 as one process over all of it."""
 
+import contextlib
+import datetime
 import os
 import sys
 
@@ -13,13 +15,23 @@ sys.path.insert(0, os.path.dirname(__file__))
 METHODS = [("lora_da", dict(population_size=100)), ("filet", dict(route="full")), ("lora_ga", {})]
 
 
+@contextlib.contextmanager
+def process_group(rank, world_size, init_file, timeout_s=None):
+    """One gloo rank of a test (a deadlock fails after ``timeout_s`` instead of hanging)."""
+    torch.set_num_threads(1)
+    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, **timeout)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def _rank_main(rank, world_size, init_file, out_dir):
     from fisher_kernels import compute_initialization
     from tiny_models import make_model, make_samples, pad_batches
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with process_group(rank, world_size, init_file):
         model = make_model("llama")
         shard = pad_batches(make_samples("llama", n=8), 2)[rank::world_size]
         results = {}
@@ -28,8 +40,6 @@ def _rank_main(rank, world_size, init_file, out_dir):
             results[method] = {n: (i.lora_A, i.lora_B) for n, i in report.layers.items()}
             results[method + ":tokens"] = report.num_tokens
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_equal_one_process_over_the_union(tmp_path):
@@ -53,15 +63,10 @@ def test_two_gloo_ranks_equal_one_process_over_the_union(tmp_path):
 
 
 def _uneven_rank_main(rank, world_size, init_file, out_dir, case):
-    import datetime
-
     from fisher_kernels import compute_initialization
     from tiny_models import make_model, make_samples, pad_batches
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=90))  # a deadlock fails the test instead of hanging
-    try:
+    with process_group(rank, world_size, init_file, timeout_s=90):
         model = make_model("llama")
         if rank == 0:
             shard = pad_batches(make_samples("llama", n=6), 2)
@@ -83,8 +88,6 @@ def _uneven_rank_main(rank, world_size, init_file, out_dir, case):
             if case == "fails":
                 break
         torch.save(results, os.path.join(out_dir, f"{case}{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_rank_with_an_empty_shard_neither_crashes_nor_changes_the_result(tmp_path):
@@ -119,9 +122,7 @@ def _split_rank_main(rank, world_size, init_file, out_dir):
     from fisher_kernels import compute_initialization
     from tiny_models import make_model, make_samples, pad_batches
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with process_group(rank, world_size, init_file):
         model = make_model("llama")
         shard = pad_batches(make_samples("llama", n=8), 2)[rank::world_size]
         results = {}
@@ -131,8 +132,6 @@ def _split_rank_main(rank, world_size, init_file, out_dir):
             results[method] = ({n: (i.lora_A, i.lora_B, i.base_update) for n, i in report.layers.items()},
                                report.split_ranks)
         torch.save(results, os.path.join(out_dir, f"split{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_the_per_layer_work_is_split_across_ranks_and_every_rank_gets_every_result(tmp_path):
@@ -162,16 +161,12 @@ def _local_rank_main(rank, world_size, init_file, out_dir):
     from fisher_kernels import compute_initialization
     from tiny_models import make_model, make_samples, pad_batches
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with process_group(rank, world_size, init_file):
         if rank == 0:  # only rank 0 initialises, on its own data: no collective may run
             report = compute_initialization(make_model("llama"), pad_batches(make_samples("llama", n=4), 2),
                                             method="lora_da", r=2, progress=False, distributed=False)
             torch.save({n: i.lora_A for n, i in report.layers.items()}, os.path.join(out_dir, "local.pt"))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_distributed_false_runs_a_local_initialisation_inside_a_process_group(tmp_path):
@@ -192,9 +187,7 @@ def _fsdp_rank_main(rank, world_size, init_file, out_dir):
     from fisher_kernels import init_lora
     from tiny_models import make_model, make_samples, pad_batches
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with process_group(rank, world_size, init_file):
         model = make_model("llama")
         for block in model.model.layers:
             fully_shard(block)
@@ -205,8 +198,6 @@ def _fsdp_rank_main(rank, world_size, init_file, out_dir):
         except TypeError as err:
             message = str(err)
         torch.save(message, os.path.join(out_dir, f"fsdp{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_sharded_models_are_refused_with_the_workaround(tmp_path):
