@@ -25,6 +25,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 from importlib import resources
 
@@ -117,12 +118,13 @@ def evaluate(model, data, batch_size):
     return loss_sum / n, correct / n
 
 
-def run_one(method, seed, train, evaluation, calibration, args, num_labels):
+def run_one(method, seed, train, evaluation, calibration, args, num_labels, lr=None):
+    lr = args.lr if lr is None else lr
     model = load_model(num_labels, seed)
     start = time.perf_counter()
     peft_model = initialise(method, model, calibration, train["labels"].shape[0], args.r, args.alpha)
     init_seconds = time.perf_counter() - start
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
     order_rng = random.Random(seed)
     n = train["labels"].shape[0]
     curve = {0: evaluate(peft_model, evaluation, args.eval_batch_size)}
@@ -143,7 +145,7 @@ def run_one(method, seed, train, evaluation, calibration, args, num_labels):
                 curve[step] = evaluate(peft_model, evaluation, args.eval_batch_size)
             if step >= args.steps:
                 break
-    return {"method": method, "seed": seed, "init_seconds": init_seconds,
+    return {"method": method, "seed": seed, "lr": lr, "init_seconds": init_seconds,
             "curve": {s: {"loss": l, "accuracy": a} for s, (l, a) in curve.items()}}
 
 
@@ -219,8 +221,10 @@ def main(argv=None):
     parser.add_argument("--task", default="bbc", choices=["bbc", "siqa", "mathqa", "multiemo"],
                         help="bbc: all-MiniLM-L6-v2 on BBC News (this module); the others: SmolLM2 on BIG-bench")
     parser.add_argument("--lrs", type=float, nargs="*", default=[1e-4, 3e-4, 1e-3, 3e-3],
-                        help="causal-LM tasks: learning rates swept per method on the first seed")
+                        help="learning rates tried per method on the first seed, the best then run on every seed "
+                             "(bbc: only when given; otherwise --lr)")
     args = parser.parse_args(argv)
+    lrs_given = args.lrs if "--lrs" in (argv if argv is not None else sys.argv) else None
     if args.task != "bbc":
         from . import quality_causal
 
@@ -255,25 +259,35 @@ def main(argv=None):
     evaluation = encode(tokenizer, texts, labels, eval_idx, args.max_len)
     calibration = list(batches(encode(tokenizer, texts, labels, calibration_idx, args.max_len), args.batch_size))
 
-    runs = []
-    for seed in args.seeds:
-        for method in methods:
-            run = run_one(method, seed, train, evaluation, calibration, args, len(classes))
-            runs.append(run)
+    lrs = lrs_given or [args.lr]
+    runs, sweep = [], []
+    for method in methods:  # each learning rate on the first seed, then every seed at the best one
+        tried = [run_one(method, args.seeds[0], train, evaluation, calibration, args, len(classes), lr) for lr in lrs]
+        best = min(tried, key=lambda r: r["curve"][max(r["curve"])]["loss"])
+        sweep += tried
+        runs.append(best)
+        runs += [run_one(method, seed, train, evaluation, calibration, args, len(classes), best["lr"])
+                 for seed in args.seeds[1:]]
+        for run in [r for r in runs if r["method"] == method]:
             last = run["curve"][max(run["curve"])]
-            print(f"seed {seed} {method}: eval loss {last['loss']:.3f}, accuracy {last['accuracy']:.1%} "
-                  f"(init {run['init_seconds']:.1f} s)", flush=True)
+            print(f"seed {run['seed']} {method} lr {run['lr']:g}: eval loss {last['loss']:.3f}, accuracy "
+                  f"{last['accuracy']:.1%} (init {run['init_seconds']:.1f} s)", flush=True)
     rows = summarise(runs, args.eval_steps)
+    if len(lrs) > 1:
+        chosen = {m: next(r["lr"] for r in runs if r["method"] == m) for m in methods}
+        rate = f"AdamW at each method's best lr of {lrs} on seed {args.seeds[0]} ({chosen})"
+    else:
+        rate = f"AdamW lr {lrs[0]}"
     header = (f"all-MiniLM-L6-v2 + LoRA r={args.r} (alpha {args.alpha}), BBC News 5 classes: {len(train_idx)} train / "
               f"{len(eval_idx)} eval articles, {args.max_len} tokens, {args.steps} steps of batch {args.batch_size}, "
-              f"AdamW lr {args.lr}, calibration {len(calibration_idx)} training articles")
+              f"{rate}, calibration {len(calibration_idx)} training articles")
     table = markdown(rows, args.eval_steps, args.seeds, header)
     print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, "quality.json"), "w") as f:
-        json.dump({"args": vars(args), "runs": runs}, f, indent=1)
+        json.dump({"args": vars(args), "sweep": sweep, "runs": runs}, f, indent=1)
     plot(runs, args.eval_steps, os.path.join(args.out, "quality.png"))
     return runs, rows
 
