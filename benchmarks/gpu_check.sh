@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # GPU check, for a machine with one NVIDIA GPU and torch/triton/transformers/peft installed
-# (no download). Builds the CUDA extension in place, runs the kernel tests on CUDA, benchmarks
-# each kernel against the plain PyTorch equivalent and init_lora on a Llama-1B-shaped random
-# model. Budget: under 8 minutes on an H200. Results land in ${RESULTS:-gpu_results}/.
+# (no download). One command, under 10 minutes on an H200; every step has its own time limit and
+# runs whatever the previous ones gave:
+#   1. build the CUDA extension in place (nvcc);
+#   2. the kernel tests on CUDA: every backend and dtype against the reference, auto-selection,
+#      torch.library ops, the Triton statistics path;
+#   3. each kernel against gather + PyTorch (d 4096, 16k tokens; bf16 and fp32) and auto's choices;
+#   4. init_lora on a Llama-1B-shaped bf16 random model (256×512 tokens, r 32) against one
+#      forward+backward and PEFT's LoRA-GA and PiSSA;
+#   5. measured CUDA peak of init_lora on a Llama-3-8B-shaped bf16 model (2 blocks) against
+#      estimate_memory.
+# Results (logs, JSON, markdown) land in ${RESULTS:-gpu_results}/.
 #
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -13,27 +21,42 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export FISHER_KERNELS_CUDA_ARCHS=${FISHER_KERNELS_CUDA_ARCHS:-90}
 status=0
 step() { echo; echo "=== $1 ($(date +%T))"; }
+# run LIMIT NAME CMD...: the command's output to the terminal and to $RESULTS/NAME.log
+run() {
+    local limit=$1 name=$2; shift 2
+    timeout "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "!!! $name exited with $rc"; status=1; }
+}
 
 step "environment"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
+python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+nvcc --version | tail -2
 
 step "build the CUDA extension (nvcc)"
-timeout 300 python3 -m fisher_kernels._build_cuda fisher_kernels 2>&1 | tail -3 || status=1
+run 100 build python3 -m fisher_kernels._build_cuda fisher_kernels
 python3 -c "import fisher_kernels, json; print(json.dumps(fisher_kernels.backends(), indent=1))" | tee "$RESULTS/backends.json"
 
 step "kernel tests on CUDA (every backend against the reference), auto-selection, torch.library ops"
-timeout 300 python3 -m pytest -q -x tests/test_ops.py tests/test_autotune.py tests/test_library.py 2>&1 | tail -5 || status=1
-timeout 120 python3 -m pytest -q tests/test_statistics.py -k triton 2>&1 | tail -2 || status=1
+workers=""
+python3 -c "import xdist" 2>/dev/null && workers="-n 8"
+run 140 tests python3 -m pytest -q -rfE $workers tests/test_ops.py tests/test_autotune.py tests/test_library.py \
+    tests/test_statistics.py::test_triton_backend_gives_the_reference_statistics
 
-step "kernels vs gather + PyTorch (d = 4096, 16k tokens, bf16; cuda's Gram kernels on tensor cores)"
-timeout 240 python3 -m benchmarks.kernels --d 4096 --tokens 16384 --basis 1024 --dtype bfloat16 \
-    --json "$RESULTS/kernels.json" | tee "$RESULTS/kernels.md" || status=1
+step "kernels vs gather + PyTorch (d = 4096, 16k tokens; cuda's Gram kernels on tensor cores for bf16)"
+run 60 kernels_bf16 python3 -m benchmarks.kernels --d 4096 --tokens 16384 --basis 1024 --dtype bfloat16 \
+    --json "$RESULTS/kernels_bf16.json"
+run 40 kernels_fp32 python3 -m benchmarks.kernels --d 4096 --tokens 16384 --basis 1024 --dtype float32 \
+    --repeats 5 --json "$RESULTS/kernels_fp32.json"
 
-step "init_lora on a Llama-1B-shaped random model"
-timeout 420 python3 -m benchmarks.init_time --preset llama-1b --device cuda \
-    --methods filet_projected,lora_da,peft_lora_ga,peft_pissa,gaussian \
-    --json "$RESULTS/init_time.json" | tee "$RESULTS/init_time.md" || status=1
+step "init_lora on a Llama-1B-shaped bf16 random model"
+run 170 init_time python3 -m benchmarks.init_time --preset llama-1b --device cuda --dtype bfloat16 \
+    --methods filet_projected,peft_lora_ga,gaussian,peft_pissa,lora_da --json "$RESULTS/init_time.json"
 
-echo; echo "gpu_check finished with status $status"
+step "CUDA peak of init_lora on a Llama-3-8B-shaped bf16 model (2 blocks) against estimate_memory"
+run 60 gpu_memory python3 -m benchmarks.gpu_memory --layers 2 --methods filet,lora_ga,lora_da \
+    --json "$RESULTS/gpu_memory.json"
+
+echo; echo "gpu_check finished with status $status ($(date +%T))"
 exit $status

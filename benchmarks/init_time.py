@@ -170,7 +170,7 @@ def _warm_up(model, batches, device):
 
 def _measure(name, preset, device, repeats):
     torch.manual_seed(0)
-    base = build_model(preset, device=device)
+    base = build_model(preset, device=device, dtype=getattr(torch, preset.get("dtype", "float32")))
     batches = calibration_batches(preset, device=device)
     _warm_up(base, batches, device)
     runs = []
@@ -225,7 +225,7 @@ def weights_bytes(preset) -> int:
 
 def markdown(rows, fwd_bwd, preset_name, preset, device, target_bytes, errors) -> str:
     tokens = preset["samples"] * preset["seq_len"]
-    lines = [f"Preset `{preset_name}` on {device}: {preset['kind']} hidden {preset['hidden']}, {preset['layers']} layers, "
+    lines = [f"Preset `{preset_name}` on {device}, {preset.get('dtype', 'float32')} model: {preset['kind']} hidden {preset['hidden']}, {preset['layers']} layers, "
              f"{preset['samples']}×{preset['seq_len']} tokens ({tokens}), r = {preset['r']}, all linear layers of the "
              f"blocks ({target_bytes / 2**20:.0f} MiB of fp32 target weights). One plain forward+backward: "
              f"{fwd_bwd:.2f} s.", "",
@@ -267,6 +267,8 @@ def main(argv=None):
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the model's weights (the calibration statistics are fp32 either way)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every method in this process (default for the smoke preset): faster, but the "
                              "peak-memory column is then the running peak of the whole run")
@@ -274,7 +276,7 @@ def main(argv=None):
     parser.add_argument("--png")
     args = parser.parse_args(argv)
     in_process = args.in_process or args.preset == "smoke"
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset], dtype=args.dtype)
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
@@ -300,7 +302,7 @@ def main(argv=None):
     print(table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"preset": args.preset, "device": args.device, "fwd_bwd_seconds": fwd_bwd["seconds"],
+            json.dump({"preset": args.preset, "device": args.device, "dtype": args.dtype, "fwd_bwd_seconds": fwd_bwd["seconds"],
                        "target_weight_bytes": target_bytes, "methods": rows, "errors": errors}, f, indent=2)
     if args.png:
         bar_chart(rows, fwd_bwd["seconds"], args.png, f"init time, preset {args.preset} ({args.device})")

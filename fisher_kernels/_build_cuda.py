@@ -27,6 +27,8 @@ def cuda_home() -> Path:
     if os.environ.get("CUDA_HOME"):
         return Path(os.environ["CUDA_HOME"])
     nvcc = shutil.which("nvcc")
+    if nvcc is None and Path("/usr/local/cuda/bin/nvcc").exists():
+        nvcc = "/usr/local/cuda/bin/nvcc"
     if nvcc is None:
         raise RuntimeError("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
     resolved = Path(os.path.realpath(nvcc))

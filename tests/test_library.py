@@ -8,17 +8,23 @@ import fisher_kernels  # noqa: F401  (registers the ops)
 from fisher_kernels.ops import reference
 
 LIB = torch.ops.fisher_kernels
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton: interpreted on CPU tensors (conftest)
 g = torch.Generator().manual_seed(0)
-X = torch.randn(9, 6, generator=g)
-MASK = torch.rand(9, generator=g) > 0.3
-BASIS = torch.randn(6, 4, generator=g)
-G = torch.randn(9, 5, generator=g)
+X = torch.randn(9, 6, generator=g).to(DEVICE)
+MASK = (torch.rand(9, generator=g) > 0.3).to(DEVICE)
+BASIS = torch.randn(6, 4, generator=g).to(DEVICE)
+G = torch.randn(9, 5, generator=g).to(DEVICE)
+
+
+def zeros(*shape):
+    return torch.zeros(*shape, device=DEVICE)
+
 
 CASES = {
-    "masked_syrk": (lambda: (torch.zeros(6, 6), X, MASK), reference.masked_syrk_),
-    "masked_column_sumsq": (lambda: (torch.zeros(6), X.bfloat16(), None), reference.masked_column_sumsq_),
-    "masked_projected_energy": (lambda: (torch.zeros(4), X, BASIS, MASK.float()), reference.masked_projected_energy_),
-    "masked_outer": (lambda: (torch.zeros(5, 6), G.half(), X.half(), MASK), reference.masked_outer_),
+    "masked_syrk": (lambda: (zeros(6, 6), X, MASK), reference.masked_syrk_),
+    "masked_column_sumsq": (lambda: (zeros(6), X.bfloat16(), None), reference.masked_column_sumsq_),
+    "masked_projected_energy": (lambda: (zeros(4), X, BASIS, MASK.float()), reference.masked_projected_energy_),
+    "masked_outer": (lambda: (zeros(5, 6), G.half(), X.half(), MASK), reference.masked_outer_),
 }
 
 
@@ -44,10 +50,10 @@ def test_torch_compile_traces_the_ops_without_graph_breaks():
         return acc.sum() + diag.sum()
 
     compiled = torch.compile(update, fullgraph=True, backend="aot_eager")
-    acc, diag = torch.zeros(6, 6), torch.zeros(6)
+    acc, diag = zeros(6, 6), zeros(6)
     compiled(acc, diag, X, MASK)
-    assert torch.allclose(acc.triu(), reference.masked_syrk_(torch.zeros(6, 6), X, MASK).triu(), atol=1e-5)
-    assert torch.allclose(diag, reference.masked_column_sumsq_(torch.zeros(6), X, MASK), atol=1e-5)
+    assert torch.allclose(acc.triu(), reference.masked_syrk_(zeros(6, 6), X, MASK).triu(), atol=1e-5)
+    assert torch.allclose(diag, reference.masked_column_sumsq_(zeros(6), X, MASK), atol=1e-5)
 
 
 def test_fake_implementations_check_shapes():

@@ -13,11 +13,14 @@ from fisher_kernels.ops import get_ops, reference
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 AVAILABLE = [name for name, info in backends().items() if info["available"] and name != "auto"]
 # the CUDA extension runs only on a GPU; on CPU machines test_cuda_build.py compiles and links it
-BACKENDS = ["torch", "triton", "cublas"] + (["cuda"] if torch.cuda.is_available() else [])
+# "auto": on a GPU the per-op choice by probes (must be right on every shape); on CPU the reference
+BACKENDS = ["torch", "triton", "cublas", "auto"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}  # inputs are exact in every dtype
 
 
 def need(backend):
+    if backend == "auto":
+        return get_ops("auto", DEVICE)
     if backend == "cublas" and DEVICE == "cpu":  # its CPU path (widened GEMM); on a GPU, torch.mm(out_dtype=fp32)
         from fisher_kernels.ops import cublas
         return cublas

@@ -159,10 +159,11 @@ def test_loss_fn_with_input_target_pairs_matches_dict_batches():
 
 def test_triton_backend_gives_the_reference_statistics():
     """End to end through the collector (symmetrisation of upper-triangle kernels included)."""
-    model = make_model("llama")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU: interpreted (conftest)
+    model = make_model("llama").to(device)
     names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
     requests = full_requests(model, names)
-    batches = pad_batches(make_samples("llama", n=4), 2)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in pad_batches(make_samples("llama", n=4), 2)]
     ref = collect_statistics(model, batches, requests, backend="torch", progress=False)
     tri = collect_statistics(model, batches, requests, backend="triton", progress=False)
     for name in names:

@@ -59,9 +59,14 @@ def _on_accumulator_device(op):
     """Launch under the accumulator's CUDA device (Triton launches on the current device, so
     tensors on ``cuda:1`` would otherwise be read from the wrong GPU)."""
 
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+
     @functools.wraps(op)
     def run(acc, *args):
         if not acc.is_cuda:
+            if not interpreted:
+                raise ValueError(f"backend 'triton' needs CUDA tensors, got an accumulator on {acc.device} "
+                                 "(use backend='auto' or 'torch' there; TRITON_INTERPRET=1 runs it on CPU for tests)")
             return op(acc, *args)
         with torch.cuda.device(acc.device):
             return op(acc, *args)
