@@ -91,7 +91,7 @@ def _run_ours(name, model, batches, preset):
     seconds = time.perf_counter() - start
     report = peft_model.fisher_kernels_report
     return {"seconds": seconds, "decomposition_seconds": report.timings["decomposition"] + report.timings["initialization"],
-            "stats_bytes": report.stats_bytes}
+            "stats_bytes": report.stats_bytes, "timings": dict(report.timings)}
 
 
 def _run_peft(name, model, batches, preset, device):
@@ -294,7 +294,9 @@ def main(argv=None):
             continue
         result = {"method": name, **result, "ratio_to_fwd_bwd": result["seconds"] / fwd_bwd["seconds"]}
         rows.append(result)
-        print(f"{name}: {result['seconds']:.2f} s ({result['ratio_to_fwd_bwd']:.2f}× fwd+bwd)", file=sys.stderr, flush=True)
+        stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.get("timings", {}).items())
+        print(f"{name}: {result['seconds']:.2f} s ({result['ratio_to_fwd_bwd']:.2f}× fwd+bwd{'; ' + stages if stages else ''})",
+              file=sys.stderr, flush=True)
     target_bytes = weights_bytes(preset)
     table = markdown(rows, fwd_bwd["seconds"], args.preset, preset, args.device, target_bytes, errors)
     if in_process:

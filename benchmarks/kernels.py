@@ -47,7 +47,7 @@ def baselines(x, mask, basis, g):
         return x[mask].float().square().sum(0)
 
     def projected_energy():
-        return (x[mask].float() @ basis).square().sum(0)
+        return (x[mask].float() @ basis.float()).square().sum(0)
 
     def outer():
         return torch.addmm(torch.zeros(g.shape[1], x.shape[1], device=x.device), g[mask].float().T, x[mask].float())
@@ -62,6 +62,8 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--basis", type=int, default=1024, help="basis vectors for the projected energy")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--basis-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the projected energy's basis (FILet stores it in the model's dtype)")
     parser.add_argument("--masked-fraction", type=float, default=0.2)
     parser.add_argument("--backends", default="cuda,triton,cublas,auto,torch")
     parser.add_argument("--repeats", type=int, default=10)
@@ -73,7 +75,7 @@ def main(argv=None):
     x = torch.randn(args.tokens, args.d, device=device, generator=g).to(dtype)
     grad = torch.randn(args.tokens, args.d, device=device, generator=g).to(dtype)
     mask = torch.rand(args.tokens, device=device, generator=g) >= args.masked_fraction
-    basis = torch.randn(args.d, args.basis, device=device, generator=g)
+    basis = torch.randn(args.d, args.basis, device=device, generator=g).to(getattr(torch, args.basis_dtype))
     base = baselines(x, mask, basis, grad)
     available = backends()
     rows = []
@@ -92,7 +94,8 @@ def main(argv=None):
             ours, theirs = timed(call, args.repeats, device), timed(base[op], args.repeats, device)
             rows.append({"op": op, "backend": backend, "seconds": ours, "pytorch_gathered_seconds": theirs,
                          "speedup": theirs / ours})
-    print(f"\n{device}, d = {args.d}, {args.tokens} tokens ({args.masked_fraction:.0%} masked), {args.dtype}\n")
+    print(f"\n{device}, d = {args.d}, {args.tokens} tokens ({args.masked_fraction:.0%} masked), {args.dtype}; "
+          f"projection basis {args.basis_dtype}\n")
     print("| op | backend | ours (ms) | gather + PyTorch (ms) | speed-up |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['op']} | {r['backend']} | {r['seconds'] * 1e3:.2f} | {r['pytorch_gathered_seconds'] * 1e3:.2f} | "

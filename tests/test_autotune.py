@@ -89,6 +89,21 @@ def test_auto_ops_probe_once_per_op_dtype_and_size_bucket():
     assert report["masked_syrk_ bfloat16 ≤256"]["speedup_vs_torch"]["fast"] > 1
 
 
+def test_a_compact_basis_is_probed_apart_from_an_fp32_one():
+    """FILet's bf16 basis takes other code paths (cuBLAS projects in bf16): its own choice."""
+    namespaces = {"torch": SimpleNamespace(**{op: getattr(reference, op) for op in OP_NAMES}),
+                  "fast": SimpleNamespace(**{op: stand_ins(op)["fast"] for op in OP_NAMES})}
+    auto = AutoOps("cpu", namespaces)
+    x, basis = torch.randn(50, 40), torch.linalg.qr(torch.randn(40, 8))[0]
+    fp32 = auto.masked_projected_energy_(torch.zeros(8), x, basis, None)
+    compact = auto.masked_projected_energy_(torch.zeros(8), x, basis.bfloat16(), None)
+    assert torch.allclose(fp32, compact, rtol=2e-2)
+    assert set(auto.report()) == {"masked_projected_energy_ float32 ≤256",
+                                  "masked_projected_energy_ float32 ≤256 basis bfloat16"}
+    assert probe_inputs("masked_projected_energy_", torch.float32, 64, "cpu", basis_dtype=torch.bfloat16)[2].dtype \
+        == torch.bfloat16
+
+
 def test_size_buckets_and_probe_shapes():
     assert [size_bucket(n) for n in (1, 256, 257, 1024, 4096, 4097, 14336)] == [256, 256, 1024, 1024, 4096, 8192, 8192]
     acc, y, x, mask = probe_inputs("masked_outer_", torch.bfloat16, 64, "cpu")
@@ -104,6 +119,9 @@ def test_real_cublas_backend_passes_the_probe(op):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         choice = choose(op, candidates, dtype, 200, "cpu")
         assert choice.rejected == {} and set(choice.seconds) == {"torch", "cublas"}
+        if op == "masked_projected_energy_":  # and on a compact basis (bf16 GEMMs, fp32 rows split)
+            choice = choose(op, candidates, dtype, 200, "cpu", basis_dtype=torch.bfloat16)
+            assert choice.rejected == {} and set(choice.seconds) == {"torch", "cublas"}
 
 
 def test_backend_pin_and_cpu_default(monkeypatch):

@@ -111,3 +111,37 @@ def test_filet_selection_does_not_depend_on_the_svd_driver():
     for name, init in selections["svd"].layers.items():
         for driver in ("gram64", "gram"):
             assert sorted(selections[driver].layers[name].selected.tolist()) == sorted(init.selected.tolist()), (driver, name)
+
+
+def test_a_gpu_models_exact_basis_waits_on_the_host_and_changes_nothing(monkeypatch):
+    """For a bf16 model on a GPU FILet keeps the full-precision singular vectors in host memory
+    instead of decomposing every weight again after the pass: same selection and factors, half
+    the decompositions. (Forced here on the CPU.)"""
+    from fisher_kernels.methods import common, filet
+
+    model = make_model("llama").to(torch.bfloat16)
+    batches = pad_batches(make_samples("llama", n=4), 2)
+    calls = []
+    real = common.singular_basis
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(filet, "singular_basis", counting)
+    recomputed = compute_initialization(model, batches, method="filet", r=3, progress=False)
+    n = len(recomputed.layers)
+    assert len(calls) == 2 * n
+    calls.clear()
+    monkeypatch.setattr(filet.FILet, "_keeps_exact_on_host", staticmethod(lambda W: True))
+    kept = compute_initialization(model, batches, method="filet", r=3, progress=False)
+    assert len(calls) == n and set(calls) == {torch.float64}
+    for name, init in recomputed.layers.items():
+        assert torch.equal(init.selected, kept.layers[name].selected), name
+        assert torch.equal(init.lora_A, kept.layers[name].lora_A) and torch.equal(init.lora_B, kept.layers[name].lora_B)
+    calls.clear()
+    monkeypatch.setattr(filet, "available_memory", lambda device: (0, "a test"))  # no host room: recomputed
+    short = compute_initialization(model, batches, method="filet", r=3, progress=False)
+    assert len(calls) == 2 * n
+    for name, init in recomputed.layers.items():
+        assert torch.equal(init.lora_A, short.layers[name].lora_A), name

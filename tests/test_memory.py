@@ -66,18 +66,21 @@ def test_filet_bf16_selection_agrees_with_a_float64_reference_except_near_ties()
     Every layer whose r-th and (r+1)-th float64 energies are more than 2 % apart must choose as the
     float64 reference does; the factors are the float64 decomposition's either way."""
     r, disagreements, decided = 4, 0, 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU: the hooks' tensor-core GEMMs
     for kind in ("llama", "gpt2"):
         model = make_model(kind).to(torch.bfloat16)
         samples = make_samples(kind, n=6)
         names = resolve_target_modules(model)
-        report = compute_initialization(model, pad_batches(samples, 3), method="filet", r=r, progress=False)
         oracle = brute_force_statistics(model, kind, samples, names)
+        model.to(device)
+        batches = [{k: v.to(device) for k, v in b.items()} for b in pad_batches(samples, 3)]
+        report = compute_initialization(model, batches, method="filet", r=r, progress=False)
         for name in names:
-            W = weight_matrix(model.get_submodule(name)).detach().double()
+            W = weight_matrix(model.get_submodule(name)).detach().cpu().double()
             U, S, Vh = torch.linalg.svd(W, full_matrices=False)
             e = torch.einsum("oi,op,pi->i", U, oracle[name]["G"], U) * torch.einsum("id,de,ie->i", Vh, oracle[name]["A"], Vh)
             ranked = torch.sort(e, descending=True).values
-            chosen = sorted(report.layers[name].selected.tolist())
+            chosen = sorted(report.layers[name].selected.cpu().tolist())
             expected = sorted(torch.argsort(e, descending=True)[:r].tolist())
             if ranked[r - 1] > 1.02 * ranked[r]:
                 decided += 1

@@ -130,3 +130,31 @@ def test_backends_report_says_why_unavailable():
         assert isinstance(info["reason"], str) and info["reason"]
     with pytest.raises(ValueError, match="backend"):
         get_ops("magic")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("basis_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("x_dtype", ["same", torch.float32])
+@pytest.mark.parametrize("mask_kind", ["none", "random"])
+def test_projected_energy_on_a_compact_basis_matches_the_widened_basis(backend, basis_dtype, x_dtype, mask_kind):
+    """FILet's stored basis is in the model's dtype: rows of that dtype, or fp32 rows (W x, Wᵀ g),
+    projected onto it must give the energies of the exactly widened basis."""
+    ops = need(backend)
+    T, d, m = 300, 130, 70
+    x, mask = data(T, d, basis_dtype if x_dtype == "same" else x_dtype, mask_kind)
+    basis = torch.randn(d, m, generator=torch.Generator().manual_seed(3)).to(DEVICE, basis_dtype)
+    acc = ops.masked_projected_energy_(torch.zeros(m, device=DEVICE), x, basis, mask)
+    xb = x.double().cpu() @ basis.double().cpu()
+    w = torch.ones(T, dtype=torch.float64) if mask is None else mask.double().cpu()
+    assert close(acc, (w[:, None] * xb.square()).sum(0), torch.float32)
+
+
+@pytest.mark.parametrize("dtype,bits,floor", [(torch.bfloat16, 16, 0.0), (torch.float16, 21, 2.0 ** -24)])
+def test_split_carries_twice_the_significant_bits(dtype, bits, floor):
+    from fisher_kernels.ops.cublas import split
+
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
+    high, low = split(x, dtype)
+    assert high.dtype == low.dtype == dtype
+    assert ((high.float() + low.float() - x).abs() <= x.abs() * 2.0 ** -bits + floor).all()  # floor: fp16 subnormals
+    assert not torch.equal(high.float(), x)  # the remainder matters

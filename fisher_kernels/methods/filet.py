@@ -16,16 +16,20 @@ from the weight itself (``uᵢᵀ g = vᵢᵀ Wᵀ g / σᵢ``, ``vᵢᵀ x = u�
 O(min(d)) numbers per layer besides that basis. When the weight's dtype is narrower than fp32
 (bf16, fp16), the stored basis is rounded to it, which perturbs the energies by about that
 dtype's precision; the factors of the chosen directions are then taken from the same
-decomposition recomputed after the pass in full precision, so only the choice itself can differ
-from a float64 reference, and only between candidates whose energies nearly tie (measured in
-the tests and the README).
+decomposition in full precision, so only the choice itself can differ from a float64 reference,
+and only between candidates whose energies nearly tie (measured in the tests and the README).
+For a model on a GPU that full-precision basis waits in host memory (while less than half the
+available RAM is so used) instead of being recomputed after the pass; otherwise, and on the CPU
+(where a second copy would defeat the compact one), it is recomputed: the same numbers either way.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..memory import available_memory
 from ..statistics import StatisticsRequest
+from ..statistics.containers import SingularBasis
 from .common import InitMethod, LayerInit, complete_triplets, residual_update, singular_basis, svd_factors
 
 
@@ -71,6 +75,7 @@ class FILet(InitMethod):
         if svd_driver not in ("svd", "gram", "gram64"):
             raise ValueError(f"svd_driver must be 'svd', 'gram' or 'gram64', got {svd_driver!r}")
         self.energy, self.route, self.candidates, self.svd_driver = energy, route, candidates, svd_driver
+        self._exact_on_host: dict[str, torch.Tensor] = {}  # full-precision vectors of compact bases (GPU models)
 
     needs_data = True
 
@@ -103,7 +108,21 @@ class FILet(InitMethod):
         return singular_basis(W, driver=self.svd_driver, top=self.candidates, dtype=dtype)
 
     def prepare(self, name, W):
-        return self._basis(W) if self.route == "projected" else None
+        if self.route != "projected":
+            return None
+        if W.dtype.itemsize >= 4 or not self._keeps_exact_on_host(W):
+            return self._basis(W)
+        exact = self._basis(W, dtype=torch.float64)  # rounded once to each dtype, as the recomputation would
+        host = exact.vectors.to("cpu", torch.float32)
+        if host.nbytes + sum(t.nbytes for t in self._exact_on_host.values()) < available_memory("cpu")[0] / 2:
+            self._exact_on_host[name] = host
+        return SingularBasis(exact.side, exact.vectors.to(W.dtype), exact.values)
+
+    @staticmethod
+    def _keeps_exact_on_host(W) -> bool:
+        """Whether a compact basis's full-precision vectors wait in host memory for the layer's
+        initialisation (a GPU model's: host RAM is not the device's) instead of being recomputed."""
+        return W.is_cuda
 
     def statistics_request(self, name, W, prepared):
         if self.route == "full":
@@ -127,7 +146,10 @@ class FILet(InitMethod):
 
     def initialize_layer(self, name, W, stats, compact_basis):
         basis = compact_basis
-        if basis is None or basis.vectors.element_size() < 4:  # factors (and full-factor energies) at fp32 or better
+        exact = self._exact_on_host.pop(name, None)
+        if basis is not None and exact is not None and exact.shape == basis.vectors.shape:
+            basis = SingularBasis(basis.side, exact.to(W.device), basis.values)
+        elif basis is None or basis.vectors.element_size() < 4:  # factors (and full-factor energies) at fp32 or better
             basis = self._basis(W, dtype=torch.promote_types(W.dtype, torch.float32))
         energy = self.energies(W, stats, basis)
         idx = select_by_energy(energy, self.r)

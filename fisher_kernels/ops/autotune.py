@@ -52,8 +52,10 @@ class Choice:
         return {name: base / s for name, s in self.seconds.items() if base and s > 0}
 
 
-def probe_inputs(op: str, dtype: torch.dtype, features: int, device, seed: int = 0) -> tuple:
-    """Arguments of ``op`` for a probe: a fresh zero accumulator first, then inputs, mask last."""
+def probe_inputs(op: str, dtype: torch.dtype, features: int, device, seed: int = 0,
+                 basis_dtype: torch.dtype = torch.float32) -> tuple:
+    """Arguments of ``op`` for a probe: a fresh zero accumulator first, then inputs, mask last
+    (``basis_dtype``: the projected energy's basis, fp32 or a compact bf16/fp16 one)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     rows = PROBE_ROWS
     x = torch.randn(rows, features, generator=g).to(device, dtype)
@@ -67,7 +69,7 @@ def probe_inputs(op: str, dtype: torch.dtype, features: int, device, seed: int =
     if op == "masked_column_sumsq_":
         return torch.zeros(features, device=device), x, mask
     if op == "masked_projected_energy_":
-        basis = torch.linalg.qr(torch.randn(features, min(features, 256), generator=g))[0].to(device)
+        basis = torch.linalg.qr(torch.randn(features, min(features, 256), generator=g))[0].to(device, basis_dtype)
         return torch.zeros(basis.shape[1], device=device), x, basis, mask
     raise ValueError(f"unknown op {op!r}")
 
@@ -95,11 +97,11 @@ def time_call(fn: Callable[[], object], device, runs: int = TIMING_RUNS) -> floa
 
 
 def choose(op: str, candidates: dict[str, Callable], dtype: torch.dtype, features: int, device,
-           timer: Callable = time_call) -> Choice:
+           timer: Callable = time_call, basis_dtype: torch.dtype = torch.float32) -> Choice:
     """Check every candidate backend's ``op`` against ``candidates["torch"]`` (the reference) on
     one probe, time the correct ones and return the fastest. Rejections are warned once here."""
     reference = candidates["torch"]
-    args = probe_inputs(op, dtype, features, device)
+    args = probe_inputs(op, dtype, features, device, basis_dtype=basis_dtype)
     expected = _result(op, reference(*(a.clone() for a in args)))
     scale = expected.abs().max().clamp_min(1e-30)
     choice = Choice(backend="torch")
@@ -136,21 +138,22 @@ class AutoOps(SimpleNamespace):
     def __init__(self, device, backends: dict[str, SimpleNamespace], timer: Callable = time_call):
         super().__init__(name="auto")
         self.device, self.backends, self.timer = torch.device(device), backends, timer
-        self.choices: dict[tuple[str, torch.dtype, int], Choice] = {}
+        self.choices: dict[tuple[str, torch.dtype, int, torch.dtype], Choice] = {}
         for op in _FEATURE_ARG:
             setattr(self, op, self._dispatcher(op))
 
-    def choice(self, op: str, dtype: torch.dtype, features: int) -> Choice:
-        key = (op, dtype, size_bucket(features))
+    def choice(self, op: str, dtype: torch.dtype, features: int, basis_dtype: torch.dtype = torch.float32) -> Choice:
+        key = (op, dtype, size_bucket(features), basis_dtype)
         if key not in self.choices:
             candidates = {name: getattr(ops, op) for name, ops in self.backends.items()}
-            self.choices[key] = choose(op, candidates, dtype, key[2], self.device, self.timer)
+            self.choices[key] = choose(op, candidates, dtype, key[2], self.device, self.timer, basis_dtype)
         return self.choices[key]
 
     def _dispatcher(self, op: str):
         def run(*args):
             x = args[_FEATURE_ARG[op]]
-            backend = self.choice(op, x.dtype, x.shape[-1]).backend
+            basis_dtype = args[2].dtype if op == "masked_projected_energy_" else torch.float32
+            backend = self.choice(op, x.dtype, x.shape[-1], basis_dtype).backend
             return getattr(self.backends[backend], op)(*args)
 
         run.__name__ = op
@@ -158,7 +161,10 @@ class AutoOps(SimpleNamespace):
 
     def report(self) -> dict[str, dict]:
         """``{"op dtype ≤features": {"backend", "speedup_vs_torch", "rejected"}}`` of the choices made."""
-        return {f"{op} {str(dtype).removeprefix('torch.')} " + (f"≤{bucket}" if bucket in SIZE_BUCKETS
-                                                                else f">{SIZE_BUCKETS[-1]}"): {
-                    "backend": c.backend, "speedup_vs_torch": c.speedups(), "rejected": c.rejected}
-                for (op, dtype, bucket), c in self.choices.items()}
+        def label(op, dtype, bucket, basis_dtype):
+            size = f"≤{bucket}" if bucket in SIZE_BUCKETS else f">{SIZE_BUCKETS[-1]}"
+            basis = "" if basis_dtype == torch.float32 else f" basis {str(basis_dtype).removeprefix('torch.')}"
+            return f"{op} {str(dtype).removeprefix('torch.')} {size}{basis}"
+
+        return {label(*key): {"backend": c.backend, "speedup_vs_torch": c.speedups(), "rejected": c.rejected}
+                for key, c in self.choices.items()}

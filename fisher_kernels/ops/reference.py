@@ -35,8 +35,9 @@ def masked_column_sumsq_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor 
 def masked_projected_energy_(
     acc: torch.Tensor, x: torch.Tensor, basis: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """``acc += Σ_t mask_t (basisᵀ x_t)²``; acc (m,) fp32, basis (d, m) fp32."""
-    projected = x.float() @ basis  # (N, m)
+    """``acc += Σ_t mask_t (basisᵀ x_t)²``; acc (m,) fp32, basis (d, m) fp32 (or a compact bf16/fp16
+    basis, widened exactly)."""
+    projected = x.float() @ basis.float()  # (N, m)
     acc.add_((_masked_fp32(projected, mask) * projected).sum(dim=0))
     return acc
 

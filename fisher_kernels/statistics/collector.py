@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..layers import layer_dims, row_blocks, weight_matrix
-from ..ops import get_ops
+from ..ops import cublas, get_ops
 from .batches import (IGNORE_INDEX, LOSS_WEIGHTINGS, as_batches, counted_labels, is_causal_lm, prepare_batch,
                       sampled_label_loss, split_batch, summed_model_loss)
 from .containers import KFACStatistics, LayerStatistics, StatisticsRequest, model_fingerprint, tensor_hash
@@ -28,7 +28,13 @@ from .model_state import PreservedModelState
 logger = logging.getLogger(__name__)
 
 
-WEIGHT_ROWS = 512  # rows of a bf16/fp16 weight widened to fp32 at a time in the hooks
+WEIGHT_ROWS = 512  # rows of a bf16/fp16 weight widened to fp32 at a time in the hooks (CPU)
+
+
+def _tensor_core_gemm(W: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether ``rows`` times the bf16/fp16 weight ``W`` runs as one GEMM in their own dtype with an
+    fp32 result (CUDA; on the CPU the weight is widened block by block instead)."""
+    return W.is_cuda and W.dtype in (torch.bfloat16, torch.float16) and rows.dtype == W.dtype
 
 
 class _LayerAccumulator:
@@ -69,7 +75,10 @@ class _LayerAccumulator:
         if output.dtype in (torch.float32, torch.float64) and output.shape[-1] == self.d_out:
             z = output.detach().reshape(-1, self.d_out)
             return z if bias is None else z - bias.detach()
-        W, x = weight_matrix(self.module).detach(), rows.float()
+        W = weight_matrix(self.module).detach()
+        if _tensor_core_gemm(W, rows):  # bf16/fp16 products are exact in fp32: the same sums, on tensor cores
+            return cublas.mm_fp32(rows, W.T)
+        x = rows.float()
         z = torch.empty(x.shape[0], self.d_out, dtype=torch.float32, device=x.device)
         for block in row_blocks(self.d_out, WEIGHT_ROWS):
             torch.mm(x, W[block].float().T, out=z[:, block])
@@ -77,7 +86,10 @@ class _LayerAccumulator:
 
     def weight_transpose_times_gradient(self, g: torch.Tensor) -> torch.Tensor:
         """``Wᵀ g`` for every row (N, d_in) in fp32, reading W in fp32 blocks of ``WEIGHT_ROWS`` rows."""
-        W, g = weight_matrix(self.module).detach(), g.float()
+        W = weight_matrix(self.module).detach()
+        if _tensor_core_gemm(W, g):
+            return cublas.mm_fp32(g, W)
+        g = g.float()
         if W.dtype in (torch.float32, torch.float64):
             return g @ W.to(g.dtype)
         h = torch.zeros(g.shape[0], self.d_in, dtype=torch.float32, device=g.device)
@@ -177,10 +189,10 @@ class _StatisticsHooks:
             if req.input_factor and self._owns_input_factor(layer, args[0]):
                 self.ops.masked_syrk_(layer.input_factor, rows, mask)
             if layer.input_basis is not None:
-                self.ops.masked_projected_energy_(layer.input_projected_energy, rows, layer.input_basis.float(), mask)
+                self.ops.masked_projected_energy_(layer.input_projected_energy, rows, layer.input_basis, mask)
             elif layer.singular_side == "output":  # V = Wᵀ U / S: project W x onto U
                 self.ops.masked_projected_energy_(layer.input_projected_energy, layer.weight_times_input(rows, output),
-                                                  layer.output_basis.float(), mask)
+                                                  layer.output_basis, mask)
             if req.needs_output_gradient:
                 if not output.requires_grad:
                     output.requires_grad_(True)
@@ -198,10 +210,10 @@ class _StatisticsHooks:
             if layer.gradient is not None:
                 self.ops.masked_outer_(layer.gradient, g, rows, mask)
             if layer.output_basis is not None:
-                self.ops.masked_projected_energy_(layer.output_projected_energy, g, layer.output_basis.float(), mask)
+                self.ops.masked_projected_energy_(layer.output_projected_energy, g, layer.output_basis, mask)
             elif layer.singular_side == "input":  # U = W V / S: project Wᵀ g onto V
                 self.ops.masked_projected_energy_(layer.output_projected_energy, layer.weight_transpose_times_gradient(g),
-                                                  layer.input_basis.float(), mask)
+                                                  layer.input_basis, mask)
 
         return hook
 
