@@ -142,3 +142,24 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(method, dtype):
     row = _measure([method, dtype, 2])
     measured, estimated = row["peak_above_model_bytes"], row["estimate_bytes"]
     assert abs(estimated - measured) <= 0.15 * measured, (measured / 2**20, estimated / 2**20)
+
+
+def test_the_model_loss_check_runs_on_one_sequence_without_autograd():
+    """Hugging Face's own causal-LM loss upcasts all the logits to fp32 and keeps a graph: run on
+    the whole first batch it held 2.4× the estimate at a 128k vocabulary (measured). The check
+    now runs on one sequence, without autograd, and its forward adds nothing to the statistics."""
+    model = make_model("llama")
+    batches = pad_batches(make_samples("llama", n=6), 3)
+    names = resolve_target_modules(model)
+    requests = {n: StatisticsRequest(input_factor=True, output_factor=True) for n in names}
+    calls = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((kwargs["input_ids"].shape[0], "labels" in kwargs,
+                                                   torch.is_grad_enabled())), with_kwargs=True)
+    stats = collect_statistics(model, batches, requests, progress=False)
+    assert [c for c in calls if c[1]] == [(1, True, False)]  # the check: one sequence, no graph
+    assert all(c == (3, False, True) for c in calls if not c[1])
+    reference = brute_force_statistics(model, "llama", make_samples("llama", n=6), names)
+    for name in names:
+        assert stats[name].num_tokens == reference[name]["n"], name
+        assert torch.allclose(stats[name].input_factor, reference[name]["A"].float(), rtol=1e-4, atol=1e-5), name

@@ -128,6 +128,7 @@ class _StatisticsHooks:
         self.decoder_token_mask: torch.Tensor | None = None
         self.batch_index = 0
         self._inputs_this_batch: dict[int, tuple[torch.Tensor, str]] = {}
+        self.paused = False  # a forward that must not count (the model's own loss check)
 
     def register(self, guard: PreservedModelState) -> None:
         for layer in self.layers.values():
@@ -180,6 +181,8 @@ class _StatisticsHooks:
 
     def _forward_hook(self, layer: _LayerAccumulator):
         def hook(module, args, output):
+            if self.paused:
+                return
             layer.calls += 1
             x = args[0].detach()
             mask = self._row_mask(layer, x)
@@ -501,7 +504,7 @@ def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn,
             for part_index, part in enumerate(parts):
                 hooks.start_batch(part.token_mask, index, part.decoder_token_mask)
                 loss, units = _summed_loss(model, part, loss_fn, fisher, generator, causal,
-                                           index == 0 and part_index == 0, loss_weighting, batch_total)
+                                           index == 0 and part_index == 0, loss_weighting, batch_total, hooks)
                 if not torch.isfinite(loss):
                     raise ValueError(f"batch {index}: the loss is not finite ({loss.item()})")
                 if needs_gradients and (units > 0 or batch_total):
@@ -588,14 +591,12 @@ def _with_batch_index(err: Exception, index: int) -> Exception:
 
 
 def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check, weighting,
-                 batch_total=None) -> tuple[torch.Tensor, int]:
+                 batch_total=None, hooks=None) -> tuple[torch.Tensor, int]:
     """The batch's calibration loss (weighted per ``weighting``) and its number of loss units."""
     labels = prepared.targets
-    use_model_loss_check = check and loss_fn is None and fisher == "empirical"
-    kwargs = dict(prepared.kwargs)
-    if use_model_loss_check:
-        kwargs["labels"] = labels
-    outputs = model(*prepared.args, **kwargs)
+    if check and loss_fn is None and fisher == "empirical":
+        _check_model_loss(model, prepared, causal, hooks)
+    outputs = model(*prepared.args, **prepared.kwargs)
     if fisher == "true":
         return sampled_label_loss(outputs, prepared.output_token_mask, generator, weighting, batch_total)
     if loss_fn is not None:
@@ -606,22 +607,37 @@ def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check, wei
             _refuse_mean_loss(loss, outputs, labels, causal)
         return loss, _token_count(prepared)
     loss, count, units = summed_model_loss(outputs, labels, causal=causal, weighting=weighting, batch_total=batch_total)
-    model_loss = getattr(outputs, "loss", None)
-    if use_model_loss_check and model_loss is not None and count > 0:
-        model_loss = model_loss.item()
-        if not math.isfinite(model_loss):
-            raise ValueError(f"the model's own loss is {model_loss}: its outputs are not finite (check its weights "
-                             "and inputs)")
-        outputs["loss"] = None  # frees the graph of the model's own loss before our backward pass
-        with torch.no_grad():
-            plain = loss if weighting == "token" else summed_model_loss(outputs, labels, causal=causal)[0]
-        mean = plain.item() / count
-        if not math.isclose(mean, model_loss, rel_tol=2e-2, abs_tol=1e-4):
-            raise ValueError(
-                f"the summed loss recomputed from logits ({mean:.6g} per token) does not match the model's "
-                f"own loss ({model_loss:.6g}); pass loss_fn=(outputs, targets) -> summed loss"
-            )
     return loss, units
+
+
+@torch.no_grad()
+def _check_model_loss(model, prepared, causal: bool, hooks=None) -> None:
+    """The loss recomputed from the logits must match the model's own (given ``labels``) on the
+    batch's first sequence, else the model computes another loss and ``loss_fn`` is needed. One
+    sequence without autograd and with the hooks paused: the model's own loss (Hugging Face's
+    upcasts all the logits to fp32) then costs no memory on the scale of the batch's logits."""
+    one = split_batch(prepared, 1)[0]
+    if hooks is not None:
+        hooks.paused = True
+    try:
+        outputs = model(*one.args, **one.kwargs, labels=one.targets)
+    finally:
+        if hooks is not None:
+            hooks.paused = False
+    model_loss = getattr(outputs, "loss", None)
+    summed, count, _ = summed_model_loss(outputs, one.targets, causal=causal)
+    if model_loss is None or count == 0:
+        return
+    model_loss = model_loss.item()
+    if not math.isfinite(model_loss):
+        raise ValueError(f"the model's own loss is {model_loss}: its outputs are not finite (check its weights "
+                         "and inputs)")
+    mean = summed.item() / count
+    if not math.isclose(mean, model_loss, rel_tol=2e-2, abs_tol=1e-4):
+        raise ValueError(
+            f"the summed loss recomputed from logits ({mean:.6g} per token) does not match the model's "
+            f"own loss ({model_loss:.6g}); pass loss_fn=(outputs, targets) -> summed loss"
+        )
 
 
 def _refuse_mean_loss(loss: torch.Tensor, outputs, labels, causal: bool) -> None:
