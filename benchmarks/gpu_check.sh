@@ -40,11 +40,13 @@ step "build the CUDA extension (nvcc)"
 run 100 build python3 -m fisher_kernels._build_cuda fisher_kernels
 python3 -c "import fisher_kernels, json; print(json.dumps(fisher_kernels.backends(), indent=1))" | tee "$RESULTS/backends.json"
 
-step "kernel tests on CUDA (every backend against the reference), auto-selection, torch.library ops"
+step "kernel tests on CUDA (every backend against the reference), auto-selection, torch.library ops, FILet's bf16 hooks"
 workers=""
 python3 -c "import xdist" 2>/dev/null && workers="-n 8"
 run 100 tests python3 -m pytest -q -rfE $workers tests/test_ops.py tests/test_autotune.py tests/test_library.py \
-    tests/test_statistics.py::test_triton_backend_gives_the_reference_statistics
+    tests/test_statistics.py::test_triton_backend_gives_the_reference_statistics \
+    tests/test_memory.py::test_filet_bf16_selection_agrees_with_a_float64_reference_except_near_ties \
+    tests/test_filet.py::test_a_gpu_models_exact_basis_waits_on_the_host_and_changes_nothing
 
 step "kernels vs gather + PyTorch (d = 4096, 16k tokens; cuda's Gram kernels on tensor cores for bf16)"
 run 50 kernels_bf16 python3 -m benchmarks.kernels --d 4096 --tokens 16384 --basis 1024 --dtype bfloat16 \

@@ -161,6 +161,19 @@ def initialise(method: str, model, calibration, n_train: int, r: int, alpha: flo
     if method == "peft_kasa":
         config.target_modules, config.kasa_config = resolve_target_modules(model), KasaConfig()
         return get_peft_model(model, config)
+    if method == "peft_lora_ga":  # PEFT's own LoRA-GA: gradients of the model's (mean) loss over the calibration set
+        from peft import LoraGAConfig
+        from peft.tuners.lora.loraga import preprocess_loraga
+
+        config.target_modules, config.init_lora_weights = resolve_target_modules(model), "lora_ga"
+        config.lora_ga_config = LoraGAConfig()
+
+        def train_step():
+            for batch in calibration:
+                model(**batch).loss.backward()
+
+        preprocess_loraga(model, config, train_step)
+        return get_peft_model(model, config)
     name, options = method, {}
     if method == "filet_component":
         name, options = "filet", {"energy": "component"}
@@ -222,19 +235,28 @@ def main(args) -> tuple[list, dict]:
                    for i in range(0, len(calibration_rows), args.batch_size)]
     methods = args.methods.split(",")
     sweep, runs = [], []
+    os.makedirs(args.out, exist_ok=True)
+    partial = os.path.join(args.out, f"quality_{args.task}.partial.json")
+
+    def save_progress():  # every finished run is kept, whatever happens to the rest
+        with open(partial, "w") as f:
+            json.dump({"args": vars(args), "sweep": sweep, "runs": runs}, f, indent=1)
+
     for method in methods:
         tried = []
         for lr in args.lrs:
             run = run_one(method, args.seeds[0], lr, model_dir, tokenizer, train, evaluation, calibration, args)
             tried.append(run)
+            sweep.append(run)
+            save_progress()
             last = run["curve"][max(run["curve"])]
             print(f"sweep {method} lr {lr:g}: eval loss {last['loss']:.3f}, accuracy {last['accuracy']:.1%}", flush=True)
         best = min(tried, key=lambda r: r["curve"][max(r["curve"])]["loss"])
-        sweep += tried
         runs.append(best)
         for seed in args.seeds[1:]:
             run = run_one(method, seed, best["lr"], model_dir, tokenizer, train, evaluation, calibration, args)
             runs.append(run)
+            save_progress()
             last = run["curve"][max(run["curve"])]
             print(f"seed {seed} {method} lr {best['lr']:g}: eval loss {last['loss']:.3f}, accuracy {last['accuracy']:.1%}",
                   flush=True)

@@ -36,7 +36,7 @@ def raising(acc, *args):
 
 def stand_ins(op):
     ref = getattr(reference, op)
-    return {"torch": slowed(ref, 0.004), "fast": ref, "slow": slowed(ref, 0.03), "wrong": wrong(ref),
+    return {"torch": slowed(ref, 0.02), "fast": ref, "slow": slowed(ref, 0.08), "wrong": wrong(ref),
             "raising": raising}
 
 
@@ -132,3 +132,25 @@ def test_backend_pin_and_cpu_default(monkeypatch):
     monkeypatch.setenv("FISHER_KERNELS_BACKEND", "magic")
     with pytest.raises(ValueError, match="backend"):
         get_ops("auto", "cuda")
+
+
+def test_calls_with_many_rows_are_probed_on_many_rows():
+    """The fastest backend on a thousand rows need not be the fastest on tens of thousands."""
+    seen = []
+
+    def recording(fn):
+        def run(acc, x, mask):
+            seen.append(x.shape[0])
+            return fn(acc, x, mask)
+        return run
+
+    namespaces = {"torch": SimpleNamespace(**{op: getattr(reference, op) for op in OP_NAMES}),
+                  "other": SimpleNamespace(**{op: getattr(reference, op) for op in OP_NAMES})}
+    namespaces["other"].masked_syrk_ = recording(reference.masked_syrk_)
+    auto = AutoOps("cpu", namespaces)
+    auto.masked_syrk_(torch.zeros(8, 8), torch.randn(100, 8), None)
+    auto.masked_syrk_(torch.zeros(8, 8), torch.randn(3000, 8), None)
+    probes = [rows for rows in seen if rows not in (100, 3000)]
+    assert {1024, 8192} <= set(probes)
+    assert set(auto.report()) == {"masked_syrk_ float32 ≤256", "masked_syrk_ float32 ≤256 >2048 rows"}
+    assert probe_inputs("masked_syrk_", torch.float32, 8192, "cpu", rows=8192)[1].shape == (4096, 8192)  # 2²⁵ cap

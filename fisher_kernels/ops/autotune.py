@@ -1,7 +1,7 @@
 """``backend="auto"``: per op, input dtype and size, the fastest backend that computes correctly.
 
-On first use of an op with a given input dtype and size bucket on a device, every available
-backend runs the op on a small random probe (with a 0/1 row mask): a backend whose result
+On first use of an op with a given input dtype, size bucket and row bucket (a thousand rows, or
+many more) on a device, every available backend runs the op on a small random probe (with a 0/1 row mask): a backend whose result
 disagrees with the PyTorch reference beyond the dtype's tolerance, or that raises, is rejected
 for that key with one warning that says why; the others are timed (best of a few runs after a
 warm-up) and the fastest is kept for the rest of the process. The PyTorch reference is always a
@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 # relative tolerance of a probe's result (max abs difference / max abs of the reference)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-3, torch.float64: 1e-4}
 PROBE_ROWS = 1024
+LARGE_PROBE_ROWS = 8192  # calls with more than 2 × PROBE_ROWS rows are probed apart, on this many rows
 SIZE_BUCKETS = (256, 1024, 4096)  # features up to each of these, and above the last
 TIMING_RUNS = 3
 
@@ -52,12 +53,20 @@ class Choice:
         return {name: base / s for name, s in self.seconds.items() if base and s > 0}
 
 
+def row_bucket(rows: int) -> int:
+    """The probe's row count standing for a call with ``rows`` rows: the fastest backend on a
+    thousand rows need not be the fastest on tens of thousands (measured on an H200: Triton
+    before cuBLAS on 1,024 bf16 rows of the outer product, cuBLAS 2.1× faster on 16,384)."""
+    return PROBE_ROWS if rows <= 2 * PROBE_ROWS else LARGE_PROBE_ROWS
+
+
 def probe_inputs(op: str, dtype: torch.dtype, features: int, device, seed: int = 0,
-                 basis_dtype: torch.dtype = torch.float32) -> tuple:
+                 basis_dtype: torch.dtype = torch.float32, rows: int = PROBE_ROWS) -> tuple:
     """Arguments of ``op`` for a probe: a fresh zero accumulator first, then inputs, mask last
-    (``basis_dtype``: the projected energy's basis, fp32 or a compact bf16/fp16 one)."""
+    (``basis_dtype``: the projected energy's basis, fp32 or a compact bf16/fp16 one; ``rows``:
+    the rows of the probe, at most 2²⁵ entries in all)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    rows = PROBE_ROWS
+    rows = max(1, min(rows, 2**25 // max(features, 1)))
     x = torch.randn(rows, features, generator=g).to(device, dtype)
     mask = (torch.rand(rows, generator=g) > 0.25).to(device)
     if op == "masked_syrk_":
@@ -97,11 +106,11 @@ def time_call(fn: Callable[[], object], device, runs: int = TIMING_RUNS) -> floa
 
 
 def choose(op: str, candidates: dict[str, Callable], dtype: torch.dtype, features: int, device,
-           timer: Callable = time_call, basis_dtype: torch.dtype = torch.float32) -> Choice:
+           timer: Callable = time_call, basis_dtype: torch.dtype = torch.float32, rows: int = PROBE_ROWS) -> Choice:
     """Check every candidate backend's ``op`` against ``candidates["torch"]`` (the reference) on
     one probe, time the correct ones and return the fastest. Rejections are warned once here."""
     reference = candidates["torch"]
-    args = probe_inputs(op, dtype, features, device, basis_dtype=basis_dtype)
+    args = probe_inputs(op, dtype, features, device, basis_dtype=basis_dtype, rows=rows)
     expected = _result(op, reference(*(a.clone() for a in args)))
     scale = expected.abs().max().clamp_min(1e-30)
     choice = Choice(backend="torch")
@@ -138,22 +147,23 @@ class AutoOps(SimpleNamespace):
     def __init__(self, device, backends: dict[str, SimpleNamespace], timer: Callable = time_call):
         super().__init__(name="auto")
         self.device, self.backends, self.timer = torch.device(device), backends, timer
-        self.choices: dict[tuple[str, torch.dtype, int, torch.dtype], Choice] = {}
+        self.choices: dict[tuple[str, torch.dtype, int, torch.dtype, int], Choice] = {}
         for op in _FEATURE_ARG:
             setattr(self, op, self._dispatcher(op))
 
-    def choice(self, op: str, dtype: torch.dtype, features: int, basis_dtype: torch.dtype = torch.float32) -> Choice:
-        key = (op, dtype, size_bucket(features), basis_dtype)
+    def choice(self, op: str, dtype: torch.dtype, features: int, basis_dtype: torch.dtype = torch.float32,
+               rows: int = PROBE_ROWS) -> Choice:
+        key = (op, dtype, size_bucket(features), basis_dtype, row_bucket(rows))
         if key not in self.choices:
             candidates = {name: getattr(ops, op) for name, ops in self.backends.items()}
-            self.choices[key] = choose(op, candidates, dtype, key[2], self.device, self.timer, basis_dtype)
+            self.choices[key] = choose(op, candidates, dtype, key[2], self.device, self.timer, basis_dtype, key[4])
         return self.choices[key]
 
     def _dispatcher(self, op: str):
         def run(*args):
             x = args[_FEATURE_ARG[op]]
             basis_dtype = args[2].dtype if op == "masked_projected_energy_" else torch.float32
-            backend = self.choice(op, x.dtype, x.shape[-1], basis_dtype).backend
+            backend = self.choice(op, x.dtype, x.shape[-1], basis_dtype, x.shape[0]).backend
             return getattr(self.backends[backend], op)(*args)
 
         run.__name__ = op
@@ -161,10 +171,11 @@ class AutoOps(SimpleNamespace):
 
     def report(self) -> dict[str, dict]:
         """``{"op dtype ≤features": {"backend", "speedup_vs_torch", "rejected"}}`` of the choices made."""
-        def label(op, dtype, bucket, basis_dtype):
+        def label(op, dtype, bucket, basis_dtype, rows):
             size = f"≤{bucket}" if bucket in SIZE_BUCKETS else f">{SIZE_BUCKETS[-1]}"
             basis = "" if basis_dtype == torch.float32 else f" basis {str(basis_dtype).removeprefix('torch.')}"
-            return f"{op} {str(dtype).removeprefix('torch.')} {size}{basis}"
+            many = "" if rows == PROBE_ROWS else f" >{2 * PROBE_ROWS} rows"
+            return f"{op} {str(dtype).removeprefix('torch.')} {size}{basis}{many}"
 
         return {label(*key): {"backend": c.backend, "speedup_vs_torch": c.speedups(), "rejected": c.rejected}
                 for key, c in self.choices.items()}
