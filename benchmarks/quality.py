@@ -31,10 +31,10 @@ from importlib import resources
 
 import torch
 
-METHODS = ["gaussian", "pissa", "milora", "kasa", "peft_kasa", "lora_ga", "filet", "filet_component", "filet_budget",
-           "lora_da"]
+METHODS = ["gaussian", "pissa", "milora", "kasa", "peft_kasa", "lora_ga", "filet", "filet_component", "filet_uniform",
+           "filet_budget", "lora_da"]
 CAUSAL_METHODS = ["gaussian", "pissa", "milora", "kasa", "lora_ga", "peft_lora_ga", "filet", "filet_component",
-                  "filet_budget", "lora_da"]
+                  "filet_uniform", "filet_budget", "lora_da"]
 KASA = ("kasa", "peft_kasa")  # trained with KaSA's regulariser added to the loss, as the paper does
 TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 
@@ -97,6 +97,8 @@ def initialise(method, model, calibration, n_train, r, alpha):
     name = method
     if method == "filet_component":
         name, options = "filet", {"energy": "component"}
+    if method == "filet_uniform":
+        name, options = "filet", {"magnitude": "uniform"}
     if method == "filet_budget":  # the same total rank, spread over the layers by Fisher energy
         from fisher_kernels import resolve_target_modules
 

@@ -177,6 +177,8 @@ def initialise(method: str, model, calibration, n_train: int, r: int, alpha: flo
     name, options = method, {}
     if method == "filet_component":
         name, options = "filet", {"energy": "component"}
+    elif method == "filet_uniform":
+        name, options = "filet", {"magnitude": "uniform"}
     elif method == "filet_budget":
         name, options = "filet", {"rank_budget": r * len(resolve_target_modules(model))}
     elif method == "lora_da":

@@ -75,6 +75,24 @@ def test_filet_factors_follow_the_pissa_convention():
         assert torch.allclose(init.lora_A.norm(dim=1), init.lora_B.norm(dim=0), rtol=1e-4)
 
 
+def test_uniform_magnitude_starts_every_chosen_direction_at_the_mean_singular_value():
+    model = make_model("llama")
+    batches, scale = pad_batches(make_samples("llama"), 2), 0.5
+    singular = compute_initialization(model, batches, method="filet", r=R, scale=scale, progress=False)
+    uniform = compute_initialization(model, batches, method="filet", r=R, scale=scale, magnitude="uniform",
+                                     progress=False)
+    for name, init in uniform.layers.items():
+        assert torch.equal(init.selected, singular.layers[name].selected)  # the choice does not change
+        W = weight_matrix(model.get_submodule(name)).detach().double()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        idx = init.selected
+        component = S[idx].mean() * U[:, idx] @ Vh[idx]
+        assert torch.allclose(scale * init.lora_B.double() @ init.lora_A.double(), component, atol=1e-5)
+        assert torch.allclose(init.new_base_weight(W).double(), W - component, atol=1e-5)  # unchanged at step 0
+    with pytest.raises(ValueError, match="magnitude"):
+        compute_initialization(model, batches, method="filet", r=R, magnitude="large", progress=False)
+
+
 def test_candidates_option_restricts_to_top_singular_triplets():
     model = make_model("llama")
     report = compute_initialization(model, pad_batches(make_samples("llama"), 2), method="filet", r=R,

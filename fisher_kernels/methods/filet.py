@@ -58,13 +58,18 @@ class FILet(InitMethod):
         svd_driver: ``"gram64"`` (default: eigen-decomposition of the smaller Gram matrix in
             float64, as accurate as an fp32 SVD, since FILet may choose small-σ directions),
             ``"gram"`` (fp32, faster) or ``"svd"``; see :func:`fisher_kernels.methods.batched_svd`.
+        magnitude: what each chosen direction starts with in the adapter: ``"singular"`` (default,
+            PiSSA's convention: ``s·B A = U_S Σ_S V_Sᵀ``, so directions chosen among small singular
+            values start small) or ``"uniform"`` (every chosen direction starts with the mean of
+            the chosen singular values, ``s·B A = σ̄ U_S V_Sᵀ``). Either way the base weight
+            becomes ``W − s·B A`` and the model is unchanged at step 0.
     """
 
     name = "filet"
     residual_base = True
 
     def __init__(self, r, scale, *, energy: str = "direction", route: str = "projected", candidates: int | None = None,
-                 svd_driver: str = "gram64"):
+                 svd_driver: str = "gram64", magnitude: str = "singular"):
         super().__init__(r, scale)
         if energy not in ("direction", "component"):
             raise ValueError(f"energy must be 'direction' or 'component', got {energy!r}")
@@ -74,7 +79,10 @@ class FILet(InitMethod):
             raise ValueError(f"candidates={candidates} must be at least r={r}")
         if svd_driver not in ("svd", "gram", "gram64"):
             raise ValueError(f"svd_driver must be 'svd', 'gram' or 'gram64', got {svd_driver!r}")
+        if magnitude not in ("singular", "uniform"):
+            raise ValueError(f"magnitude must be 'singular' or 'uniform', got {magnitude!r}")
         self.energy, self.route, self.candidates, self.svd_driver = energy, route, candidates, svd_driver
+        self.magnitude = magnitude
         self._exact_on_host: dict[str, torch.Tensor] = {}  # full-precision vectors of compact bases (GPU models)
 
     needs_data = True
@@ -154,5 +162,7 @@ class FILet(InitMethod):
         energy = self.energies(W, stats, basis)
         idx = select_by_energy(energy, self.r)
         U, S, Vh = complete_triplets(W, basis, idx)
+        if self.magnitude == "uniform":
+            S = S.mean().expand_as(S).contiguous()
         lora_A, lora_B = svd_factors(U, S, Vh, self.scale)
         return LayerInit(lora_A, lora_B, residual_update(lora_A, lora_B, self.scale), selected=idx, scores=energy)
