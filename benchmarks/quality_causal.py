@@ -220,8 +220,6 @@ def main(args) -> tuple[list, dict]:
     """Run from ``benchmarks.quality`` with ``--task`` (its parser defines ``args``)."""
     from transformers import AutoTokenizer
 
-    from .quality import markdown, plot, summarise
-
     cache = cache_dir()
     model_dir = fetch_model(cache)
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -262,18 +260,58 @@ def main(args) -> tuple[list, dict]:
             last = run["curve"][max(run["curve"])]
             print(f"seed {seed} {method} lr {best['lr']:g}: eval loss {last['loss']:.3f}, accuracy {last['accuracy']:.1%}",
                   flush=True)
+    table, rows = write_outputs(args, runs, sweep, len(train), len(evaluation), len(calibration_rows))
+    print(table)
+    return runs, rows
+
+
+def write_outputs(args, runs, sweep, n_train: int, n_eval: int, n_calibration: int) -> tuple[str, dict]:
+    """The markdown table, the JSON of every run and the plot, under ``args.out``."""
+    from .quality import markdown, plot, summarise
+
+    methods = list(dict.fromkeys(r["method"] for r in runs))
     rows = summarise(runs, args.eval_steps)
     best_lrs = {m: next(r["lr"] for r in runs if r["method"] == m) for m in methods}
     header = (f"SmolLM2-135M-Instruct + LoRA r={args.r} (alpha {args.alpha}), BIG-bench {TASKS[args.task]}: "
-              f"{len(train)} train / {len(evaluation)} eval questions, {args.max_len} tokens, {args.steps} steps of "
+              f"{n_train} train / {n_eval} eval questions, {args.max_len} tokens, {args.steps} steps of "
               f"batch {args.batch_size}, AdamW at each method's best lr of {args.lrs} ({best_lrs}), calibration "
-              f"{len(calibration_rows)} training questions")
+              f"{n_calibration} training questions")
     table = markdown(rows, args.eval_steps, args.seeds, header)
-    print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"quality_{args.task}.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, f"quality_{args.task}.json"), "w") as f:
         json.dump({"args": vars(args), "sweep": sweep, "runs": runs}, f, indent=1)
     plot(runs, args.eval_steps, os.path.join(args.out, f"quality_{args.task}.png"))
-    return runs, rows
+    return table, rows
+
+
+def merge(out: str, paths: list[str]) -> str:
+    """One table from runs saved by several invocations with the same settings (e.g. the methods
+    split over two processes): ``python -m benchmarks.quality_causal --merge OUT A.json B.json``."""
+    import argparse
+
+    loaded = [json.load(open(p)) for p in paths]
+    settings = dict(loaded[0]["args"])
+    keys = ("task", "train_size", "eval_size", "calibration_size", "max_len", "steps", "eval_steps", "batch_size",
+            "r", "alpha", "lrs", "seeds")
+    for other, path in zip(loaded[1:], paths[1:]):
+        differing = [k for k in keys if other["args"].get(k) != settings.get(k)]
+        if differing:
+            raise ValueError(f"{path} was run with other settings ({', '.join(differing)}): not comparable")
+
+    def int_steps(run):
+        return dict(run, curve={int(k): v for k, v in run["curve"].items()})
+
+    runs = [int_steps(r) for d in loaded for r in d["runs"]]
+    sweep = [int_steps(r) for d in loaded for r in d["sweep"]]
+    settings["out"] = out
+    args = argparse.Namespace(**settings)
+    table, _ = write_outputs(args, runs, sweep, args.train_size, args.eval_size, args.calibration_size)
+    return table
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 4 or sys.argv[1] != "--merge":
+        sys.exit("usage: python -m benchmarks.quality_causal --merge OUT RESULTS.json [RESULTS.json ...]")
+    print(merge(sys.argv[2], sys.argv[3:]))

