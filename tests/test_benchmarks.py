@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import init_time, kernels
 from benchmarks import lobpcg as lobpcg_benchmark
 
@@ -66,8 +68,6 @@ def test_causal_quality_benchmark_quick_mode(tmp_path):
 
 
 def test_causal_results_of_several_processes_merge_into_one_table(tmp_path):
-    import json
-
     from benchmarks.quality_causal import merge
 
     settings = dict(task="siqa", train_size=8, eval_size=4, calibration_size=2, max_len=16, steps=2, eval_steps=[2],
