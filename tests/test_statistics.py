@@ -169,3 +169,24 @@ def test_triton_backend_gives_the_reference_statistics():
     for name in names:
         for key, t in ref[name].tensors().items():
             assert torch.allclose(getattr(tri[name], key), t, rtol=1e-4, atol=1e-6), (name, key)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_bf16_hooks_single_gemm_path_gives_the_blocked_path_energies(kind, monkeypatch):
+    """On a GPU the hooks multiply bf16 rows by the bf16 weight in one GEMM with an fp32 result
+    (GPT-2's Conv1D weights are transposed views); forced here on the CPU, where that GEMM is
+    widened, the projected energies must equal the block-by-block path's."""
+    from fisher_kernels import compute_initialization
+    from fisher_kernels.statistics import collector
+
+    model = make_model(kind).to(torch.bfloat16)
+    batches = pad_batches(make_samples(kind, n=4), 2)
+    blocked = compute_initialization(model, batches, method="filet", r=2, progress=False)
+    monkeypatch.setattr(collector, "_tensor_core_gemm",
+                        lambda W, rows: W.dtype == torch.bfloat16 and rows.dtype == W.dtype)
+    calls, mm_fp32 = [], collector.cublas.mm_fp32
+    monkeypatch.setattr(collector.cublas, "mm_fp32", lambda a, b: calls.append(1) or mm_fp32(a, b))
+    single = compute_initialization(model, batches, method="filet", r=2, progress=False)
+    assert len(calls) >= len(blocked.layers)  # every layer took the single-GEMM path at least once
+    for name, init in blocked.layers.items():
+        assert torch.allclose(single.layers[name].scores, init.scores, rtol=1e-4, atol=1e-6 * init.scores.max()), name
