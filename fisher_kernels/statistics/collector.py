@@ -606,7 +606,7 @@ def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check, wei
         if check:
             _refuse_mean_loss(loss, outputs, labels, causal)
         return loss, _token_count(prepared)
-    loss, count, units = summed_model_loss(outputs, labels, causal=causal, weighting=weighting, batch_total=batch_total)
+    loss, _, units = summed_model_loss(outputs, labels, causal=causal, weighting=weighting, batch_total=batch_total)
     return loss, units
 
 
