@@ -19,6 +19,7 @@ import time
 import torch
 
 from benchmarks.memory_estimates import CONFIGS, TARGETS
+from benchmarks.models import calibration_batches
 
 
 def llama(layers: int, device) -> torch.nn.Module:
@@ -31,18 +32,6 @@ def llama(layers: int, device) -> torch.nn.Module:
     return model.to(torch.bfloat16).eval()
 
 
-def batches(n: int, batch_size: int, seq_len: int, vocab: int, device):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
-        mask = torch.ones_like(ids)
-        mask[1::2, seq_len - seq_len // 8:] = 0
-        out.append({"input_ids": ids.to(device), "attention_mask": mask.to(device),
-                    "labels": ids.masked_fill(mask == 0, -100).to(device)})
-    return out
-
-
 def measure(method: str, args) -> dict:
     from fisher_kernels import estimate_memory, init_lora
 
@@ -52,7 +41,8 @@ def measure(method: str, args) -> dict:
     del meta
     torch.cuda.empty_cache()
     model = llama(args.layers, "cuda")
-    data = batches(args.batches, args.batch_size, args.seq_len, model.config.vocab_size, "cuda")
+    data = calibration_batches(dict(samples=args.batches * args.batch_size, seq_len=args.seq_len,
+                                    batch_size=args.batch_size, vocab=model.config.vocab_size), device="cuda")
     torch.cuda.synchronize()
     loaded = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -35,6 +35,8 @@ METHODS = ["gaussian", "pissa", "milora", "kasa", "peft_kasa", "lora_ga", "filet
            "filet_budget", "lora_da"]
 CAUSAL_METHODS = ["gaussian", "pissa", "milora", "kasa", "lora_ga", "peft_lora_ga", "filet", "filet_component",
                   "filet_uniform", "filet_budget", "lora_da"]
+# benchmark names of FILet's option variants (both tasks)
+FILET_VARIANTS = {"filet_component": {"energy": "component"}, "filet_uniform": {"magnitude": "uniform"}}
 KASA = ("kasa", "peft_kasa")  # trained with KaSA's regulariser added to the loss, as the paper does
 TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 
@@ -95,10 +97,8 @@ def initialise(method, model, calibration, n_train, r, alpha):
         return get_peft_model(model, config)
     options = {}
     name = method
-    if method == "filet_component":
-        name, options = "filet", {"energy": "component"}
-    if method == "filet_uniform":
-        name, options = "filet", {"magnitude": "uniform"}
+    if method in FILET_VARIANTS:
+        name, options = "filet", FILET_VARIANTS[method]
     if method == "filet_budget":  # the same total rank, spread over the layers by Fisher energy
         from fisher_kernels import resolve_target_modules
 

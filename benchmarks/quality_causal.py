@@ -174,11 +174,11 @@ def initialise(method: str, model, calibration, n_train: int, r: int, alpha: flo
 
         preprocess_loraga(model, config, train_step)
         return get_peft_model(model, config)
+    from .quality import FILET_VARIANTS
+
     name, options = method, {}
-    if method == "filet_component":
-        name, options = "filet", {"energy": "component"}
-    elif method == "filet_uniform":
-        name, options = "filet", {"magnitude": "uniform"}
+    if method in FILET_VARIANTS:
+        name, options = "filet", FILET_VARIANTS[method]
     elif method == "filet_budget":
         name, options = "filet", {"rank_budget": r * len(resolve_target_modules(model))}
     elif method == "lora_da":

@@ -1,10 +1,10 @@
 """``backend="auto"``: per op, input dtype and size, the fastest backend that computes correctly.
 
 On first use of an op with a given input dtype, size bucket and row bucket (a thousand rows, or
-many more) on a device, every available backend runs the op on a small random probe (with a 0/1 row mask): a backend whose result
-disagrees with the PyTorch reference beyond the dtype's tolerance, or that raises, is rejected
-for that key with one warning that says why; the others are timed (best of a few runs after a
-warm-up) and the fastest is kept for the rest of the process. The PyTorch reference is always a
+many more) on a device, every available backend runs the op on a small random probe (with a 0/1
+row mask): a backend whose result disagrees with the PyTorch reference beyond the dtype's
+tolerance, or that raises, is rejected for that key with one warning that says why; the others
+are timed (best of a few runs after a warm-up) and the fastest is kept for the rest of the process. The PyTorch reference is always a
 candidate and always correct, so ``auto`` is never slower than it beyond timing noise and never
 uses a backend that failed its check. ``FISHER_KERNELS_BACKEND`` pins every ``auto`` choice.
 """

@@ -66,8 +66,7 @@ def masked_projected_energy_(acc, x, basis, mask):
     else:
         high, low = split(x.float(), basis.dtype)
         projected = mm_fp32(high, basis).add_(mm_fp32(low, basis))
-    weighted = projected if mask is None else projected * mask.to(torch.float32).unsqueeze(1)
-    return acc.add_((weighted * projected).sum(dim=0))
+    return acc.add_((reference._masked_fp32(projected, mask) * projected).sum(dim=0))
 
 
 masked_column_sumsq_ = reference.masked_column_sumsq_
