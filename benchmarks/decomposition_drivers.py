@@ -13,34 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections import Counter
 
 import torch
 
+from benchmarks.kernels import timed
 from benchmarks.models import PRESETS, build_model, target_module_names
 from fisher_kernels.layers import weight_matrix
 from fisher_kernels.methods.common import singular_basis
 
 DRIVERS = ("gram64", "gram", "svd")
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats):
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def shapes_of(preset) -> Counter:
@@ -69,7 +51,7 @@ def main(argv=None):
                 torch.backends.cuda.preferred_linalg_library(library)
             for driver in DRIVERS:
                 try:
-                    seconds = timed(lambda: singular_basis(W, driver=driver), args.device, args.repeats)
+                    seconds = timed(lambda: singular_basis(W, driver=driver), args.repeats, torch.device(args.device).type)
                 except Exception as err:  # report, do not hide
                     print(f"{shape} {library} {driver}: failed: {type(err).__name__}: {err}", flush=True)
                     continue
