@@ -10,7 +10,8 @@
 #   4. one weight decomposition per driver and linear-algebra library, per Llama-1B weight shape;
 #   5. init_lora on a Llama-1B-shaped bf16 random model (256×512 tokens, r 32) against one
 #      forward+backward and PEFT's LoRA-GA and PiSSA, with the stage times of ours;
-#   6. measured CUDA peak of init_lora on a Llama-3-8B-shaped bf16 model (4 blocks) against
+#   6. FILet's init under torch.profiler (fewer samples: its tables take long to build);
+#   7. measured CUDA peak of init_lora on a Llama-3-8B-shaped bf16 model (4 blocks) against
 #      estimate_memory.
 # Results (logs, JSON, markdown) land in ${RESULTS:-gpu_results}/.
 #
@@ -37,13 +38,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 nvcc --version | tail -2
 
 step "build the CUDA extension (nvcc)"
-run 100 build python3 -m fisher_kernels._build_cuda fisher_kernels
+run 60 build python3 -m fisher_kernels._build_cuda fisher_kernels
 python3 -c "import fisher_kernels, json; print(json.dumps(fisher_kernels.backends(), indent=1))" | tee "$RESULTS/backends.json"
 
 step "kernel tests on CUDA (every backend against the reference), auto-selection, torch.library ops, FILet's bf16 hooks"
 workers=""
 python3 -c "import xdist" 2>/dev/null && workers="-n 8"
-run 100 tests python3 -m pytest -q -rfE $workers tests/test_ops.py tests/test_autotune.py tests/test_library.py \
+run 70 tests python3 -m pytest -q -rfE $workers tests/test_ops.py tests/test_autotune.py tests/test_library.py \
     tests/test_statistics.py::test_triton_backend_gives_the_reference_statistics \
     tests/test_memory.py::test_filet_bf16_selection_agrees_with_a_float64_reference_except_near_ties \
     tests/test_filet.py::test_a_gpu_models_exact_basis_waits_on_the_host_and_changes_nothing
@@ -59,8 +60,12 @@ run 45 decomposition python3 -m benchmarks.decomposition_drivers --preset llama-
     --json "$RESULTS/decomposition.json"
 
 step "init_lora on a Llama-1B-shaped bf16 random model"
-run 170 init_time python3 -m benchmarks.init_time --preset llama-1b --device cuda --dtype bfloat16 \
+run 190 init_time python3 -m benchmarks.init_time --preset llama-1b --device cuda --dtype bfloat16 \
     --methods filet_projected,peft_lora_ga,gaussian,peft_pissa,lora_da --json "$RESULTS/init_time.json"
+
+step "where FILet's time goes: init_lora under torch.profiler (32 samples of the same model)"
+run 60 profile python3 -m benchmarks.profile_init --preset llama-1b --device cuda --dtype bfloat16 \
+    --method filet_projected --samples 32
 
 step "CUDA peak of init_lora on a Llama-3-8B-shaped bf16 model (4 blocks) against estimate_memory"
 run 60 gpu_memory python3 -m benchmarks.gpu_memory --layers 4 --methods filet,lora_ga,lora_da \

@@ -286,6 +286,14 @@ def main(argv=None):
     if error:
         raise RuntimeError(f"the forward+backward reference failed: {error}")
     rows, errors = [], {}
+
+    def save(target_bytes=None):  # after every method too: a run cut short (a time limit) keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"preset": args.preset, "device": args.device, "dtype": args.dtype,
+                           "fwd_bwd_seconds": fwd_bwd["seconds"], "target_weight_bytes": target_bytes,
+                           "methods": rows, "errors": errors}, f, indent=2)
+
     for name in methods:
         result, error = run_method(name, preset, args.device, args.repeats, in_process)
         if error:
@@ -297,15 +305,13 @@ def main(argv=None):
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.get("timings", {}).items())
         print(f"{name}: {result['seconds']:.2f} s ({result['ratio_to_fwd_bwd']:.2f}× fwd+bwd{'; ' + stages if stages else ''})",
               file=sys.stderr, flush=True)
+        save()
     target_bytes = weights_bytes(preset)
     table = markdown(rows, fwd_bwd["seconds"], args.preset, preset, args.device, target_bytes, errors)
     if in_process:
         table += "\n- peak memory: measured in one process for all methods (running peak), not per method"
     print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"preset": args.preset, "device": args.device, "dtype": args.dtype, "fwd_bwd_seconds": fwd_bwd["seconds"],
-                       "target_weight_bytes": target_bytes, "methods": rows, "errors": errors}, f, indent=2)
+    save(target_bytes)
     if args.png:
         bar_chart(rows, fwd_bwd["seconds"], args.png, f"init time, preset {args.preset} ({args.device})")
     return rows, errors

@@ -114,8 +114,8 @@ def _warn_about_fused_experts(model: nn.Module) -> None:
         warnings.warn(
             f"{len(fused)} mixture-of-experts weights are fused 3-D parameters ({', '.join(fused[:2])}"
             f"{', ...' if len(fused) > 2 else ''}), which fisher_kernels cannot initialise yet: they stay without "
-            "adapters (PEFT's 'all-linear' would adapt them through target_parameters). The attention and other "
-            "linear layers are initialised.", UserWarning, stacklevel=3)
+            "adapters, as with PEFT's 'all-linear' (LoraConfig(target_parameters=[...]) adds PEFT-initialised "
+            "adapters to them). The attention and other linear layers are initialised.", UserWarning, stacklevel=3)
 
 
 def trainable_heads(model: nn.Module) -> list[str]:

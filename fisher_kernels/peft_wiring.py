@@ -7,6 +7,7 @@ import copy
 import math
 import signal
 import threading
+import warnings
 
 import torch
 from torch import nn
@@ -57,6 +58,11 @@ def make_lora_config(target_names: list[str], r: int, lora_alpha: float, lora_co
                          "which would break the initialisation")
     if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
         raise ValueError("lora_config.rank_pattern / alpha_pattern are not supported yet: use one r and lora_alpha")
+    if getattr(config, "target_parameters", None):
+        warnings.warn(
+            f"lora_config.target_parameters={list(config.target_parameters)}: PEFT adapts these parameters (fused "
+            "3-D mixture-of-experts weights) with its default initialisation (lora_A Kaiming-uniform, lora_B "
+            f"zero); method={method!r} initialises only the nn.Linear/Conv1D target layers", UserWarning, stacklevel=3)
     config.target_modules = _selected_by_config(list(target_names), config)
     config.init_lora_weights = True
     config.fan_in_fan_out = fan_in_fan_out

@@ -1,8 +1,10 @@
 """Smoke tests of the benchmark harnesses: they run and report what they promise (not who wins)."""
 
 import json
+import math
 
 import pytest
+import torch
 
 from benchmarks import init_time, kernels
 from benchmarks import lobpcg as lobpcg_benchmark
@@ -67,6 +69,67 @@ def test_causal_quality_benchmark_quick_mode(tmp_path):
     assert (tmp_path / "quality_siqa.partial.json").exists()  # kept after every run
 
 
+class _CharTokenizer:
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + ord(c) % 60 for c in text]}
+
+
+def test_causal_evaluation_scores_each_sequence_as_an_unpadded_forward_would():
+    """Left padding, length batching and logits of the last positions only give the loss and
+    accuracy of scoring every (prompt, choice) on its own with the full logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.quality_causal import encode, evaluate
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    data = [{"prompt": "q" * (5 + 3 * i) + "?", "choices": ["yes", "no way", "maybe so"], "answer": i % 3}
+            for i in range(5)]
+    tokenizer, max_len = _CharTokenizer(), 24
+    scores, loss, tokens = {}, 0.0, 0
+    with torch.no_grad():
+        for i, example in enumerate(data):
+            for c, choice in enumerate(example["choices"]):
+                ids, labels = encode(tokenizer, example["prompt"], choice, max_len)
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+                target = torch.tensor(labels[1:])
+                picked = logp.gather(-1, target.clamp_min(0)[:, None])[:, 0] * target.ne(-100)
+                scores[i, c] = float(picked.sum())
+                if c == example["answer"]:
+                    loss, tokens = loss - float(picked.sum()), tokens + int(target.ne(-100).sum())
+    accuracy = sum(max(range(3), key=lambda c: scores[i, c]) == e["answer"] for i, e in enumerate(data)) / len(data)
+    got_loss, got_accuracy = evaluate(model, tokenizer, data, max_len, batch_size=4)
+    assert got_loss == pytest.approx(loss / tokens, rel=1e-5) and got_accuracy == accuracy
+
+
+def test_learning_rate_sweep_stops_once_the_best_rate_is_bracketed():
+    from benchmarks.quality_causal import bracketing_sweep
+
+    ladder = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
+
+    def sweep(best_lr, start=1e-4):
+        calls = []
+
+        def run_at(lr):
+            calls.append(lr)
+            return {"lr": lr, "curve": {0: {"loss": 9.0}, 4: {"loss": abs(math.log(lr / best_lr)) + 1.0}}}
+
+        runs, best, bracketed = bracketing_sweep(run_at, ladder, start)
+        assert [r["lr"] for r in runs] == calls and len(set(calls)) == len(calls)  # no rate run twice
+        return calls, best["lr"], bracketed
+
+    assert sweep(1e-4) == ([1e-4, 3e-4, 3e-5], 1e-4, True)        # worse on both sides: three runs
+    assert sweep(1e-3) == ([1e-4, 3e-4, 1e-3, 3e-3], 1e-3, True)  # climbs until a worse rate
+    assert sweep(3e-5) == ([1e-4, 3e-4, 3e-5, 1e-5], 3e-5, True)
+    assert sweep(1e-6) == ([1e-4, 3e-4, 3e-5, 1e-5], 1e-5, False)  # an end of the ladder: not bracketed
+    assert sweep(3e-3, start=3e-3) == ([3e-3, 1e-3], 3e-3, False)
+    with pytest.raises(ValueError, match="ladder"):
+        bracketing_sweep(lambda lr: {}, ladder, 2e-4)
+
+
 def test_causal_results_of_several_processes_merge_into_one_table(tmp_path):
     from benchmarks.quality_causal import merge
 
@@ -87,3 +150,23 @@ def test_causal_results_of_several_processes_merge_into_one_table(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"args": dict(settings, steps=3), "sweep": [], "runs": []}))
     with pytest.raises(ValueError, match="steps"):
         merge(str(tmp_path / "m2"), [str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+
+
+def test_profile_init_prints_stage_times_and_the_heaviest_operators(capsys):
+    from benchmarks import profile_init
+
+    profile_init.main(["--preset", "smoke", "--method", "filet_projected", "--rows", "5"])
+    out = capsys.readouterr().out
+    assert "filet_projected, preset smoke" in out and "statistics" in out and "by host time" in out
+
+
+def test_gpu_check_fits_one_ten_minute_device_call():
+    """Every step of benchmarks/gpu_check.sh has its own time limit; together under 600 s."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)  # parses
+    limits = [int(n) for n in re.findall(r"^run (\d+) ", script.read_text(), flags=re.M)]
+    assert len(limits) >= 7 and sum(limits) < 600

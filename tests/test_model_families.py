@@ -148,3 +148,28 @@ def test_mixtral_fused_experts_are_named_in_a_warning_and_the_rest_is_initialise
     with pytest.warns(UserWarning, match=r"mixture-of-experts weights are fused 3-D parameters \(model\.layers\.0\.mlp"):
         peft_model = init_lora(model, data, method="filet", r=2, progress=False)
     assert all(n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) for n in peft_model.fisher_kernels_report.target_modules)
+    # the same layers as PEFT's own "all-linear", which leaves the fused experts out too
+    from peft import LoraConfig, get_peft_model
+
+    fresh = T.MixtralForCausalLM(T.MixtralConfig(**LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2))
+    peft_targets = get_peft_model(fresh, LoraConfig(r=2, target_modules="all-linear")).peft_config["default"]
+    assert {n.rsplit(".", 1)[-1] for n in peft_model.fisher_kernels_report.target_modules} == set(
+        peft_targets.target_modules)
+
+
+def test_fused_experts_named_in_target_parameters_get_peft_adapters_with_a_warning_saying_which_init():
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    model = T.MixtralForCausalLM(T.MixtralConfig(**LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2)).eval()
+    data = batches("mistral")
+    with torch.no_grad():
+        before = model(**{k: v for k, v in data[0].items() if k != "labels"}).logits
+    config = LoraConfig(r=2, lora_alpha=2, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    with pytest.warns(UserWarning, match=r"target_parameters=.*default initialisation.*method='filet'"):
+        peft_model = init_lora(model, data, method="filet", r=2, lora_config=config, progress=False)
+    wrapped = [m for m in peft_model.modules() if type(m).__name__ == "ParamWrapper"]
+    assert wrapped and all(not m.lora_B["default"].weight.detach().any() for m in wrapped)
+    with torch.no_grad():
+        after = peft_model(**{k: v for k, v in data[0].items() if k != "labels"}).logits
+    assert torch.allclose(before, after, atol=1e-5)  # FILet's residual layers and the zero-B experts: unchanged

@@ -171,22 +171,46 @@ def test_triton_backend_gives_the_reference_statistics():
             assert torch.allclose(getattr(tri[name], key), t, rtol=1e-4, atol=1e-6), (name, key)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_bf16_hooks_single_gemm_path_gives_the_blocked_path_energies(kind, monkeypatch):
+@pytest.mark.parametrize("layer_type", ["linear", "conv1d"])
+def test_bf16_hooks_single_gemm_products_equal_the_blocked_ones(layer_type, monkeypatch):
     """On a GPU the hooks multiply bf16 rows by the bf16 weight in one GEMM with an fp32 result
     (GPT-2's Conv1D weights are transposed views); forced here on the CPU, where that GEMM is
-    widened, the projected energies must equal the block-by-block path's."""
+    widened, ``W x`` and ``Wᵀ g`` must equal the block-by-block products."""
+    from transformers.pytorch_utils import Conv1D
+
+    from fisher_kernels.statistics import collector
+
+    torch.manual_seed(0)
+    module = (torch.nn.Linear(40, 24) if layer_type == "linear" else Conv1D(24, 40)).to(torch.bfloat16)
+    layer = collector._LayerAccumulator("layer", module, StatisticsRequest(), "cpu")
+    x, g = torch.randn(7, 40).bfloat16(), torch.randn(7, 24).bfloat16()
+    narrow = torch.empty(7, 3)  # not the layer's output: W x is recomputed
+    blocked = layer.weight_times_input(x, narrow), layer.weight_transpose_times_gradient(g)
+    monkeypatch.setattr(collector, "_tensor_core_gemm", lambda W, rows: W.dtype == rows.dtype == torch.bfloat16)
+    calls, mm_fp32 = [], collector.cublas.mm_fp32
+    monkeypatch.setattr(collector.cublas, "mm_fp32", lambda a, b: calls.append(1) or mm_fp32(a, b))
+    single = layer.weight_times_input(x, narrow), layer.weight_transpose_times_gradient(g)
+    assert len(calls) == 2
+    for got, expected in zip(single, blocked):
+        assert got.dtype == torch.float32 and torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_filet_takes_wt_g_from_autograd_where_the_input_has_a_gradient(kind, monkeypatch):
+    """FILet's ``Wᵀ g`` (layers whose basis is V) is the gradient autograd computes at the layer's
+    input anyway; only layers whose input has no gradient (the first of a frozen model) multiply
+    by W themselves. Same energies either way (the projected and the full route agree)."""
     from fisher_kernels import compute_initialization
     from fisher_kernels.statistics import collector
 
-    model = make_model(kind).to(torch.bfloat16)
+    model = make_model(kind)
     batches = pad_batches(make_samples(kind, n=4), 2)
-    blocked = compute_initialization(model, batches, method="filet", r=2, progress=False)
-    monkeypatch.setattr(collector, "_tensor_core_gemm",
-                        lambda W, rows: W.dtype == torch.bfloat16 and rows.dtype == W.dtype)
-    calls, mm_fp32 = [], collector.cublas.mm_fp32
-    monkeypatch.setattr(collector.cublas, "mm_fp32", lambda a, b: calls.append(1) or mm_fp32(a, b))
-    single = compute_initialization(model, batches, method="filet", r=2, progress=False)
-    assert len(calls) >= len(blocked.layers)  # every layer took the single-GEMM path at least once
-    for name, init in blocked.layers.items():
-        assert torch.allclose(single.layers[name].scores, init.scores, rtol=1e-4, atol=1e-6 * init.scores.max()), name
+    explicit, product = [], collector._LayerAccumulator.weight_transpose_times_gradient
+    monkeypatch.setattr(collector._LayerAccumulator, "weight_transpose_times_gradient",
+                        lambda self, g: explicit.append(self.name) or product(self, g))
+    projected = compute_initialization(model, batches, method="filet", r=2, progress=False)
+    full = compute_initialization(model, batches, method="filet", r=2, progress=False, route="full")
+    input_side = [n for n in projected.layers if layer_dims(model.get_submodule(n))[1] <= layer_dims(model.get_submodule(n))[0]]
+    assert input_side and len(set(explicit)) < len(input_side)
+    for name, init in full.layers.items():
+        assert torch.allclose(projected.layers[name].scores, init.scores, rtol=1e-4, atol=1e-6 * init.scores.max()), name

@@ -12,8 +12,9 @@ weight becomes ``W − U_S Σ_S V_Sᵀ``: the model is unchanged at step 0.
 Memory. Before the calibration pass each layer is decomposed on its own and only the smaller
 side of its SVD is kept (V when ``d_in ≤ d_out``, else U: ``min(d_out, d_in)²`` entries, in the
 weight's dtype) with the singular values; the collector recovers the other side's projections
-from the weight itself (``uᵢᵀ g = vᵢᵀ Wᵀ g / σᵢ``, ``vᵢᵀ x = uᵢᵀ W x / σᵢ``), so the hooks hold
-O(min(d)) numbers per layer besides that basis. When the weight's dtype is narrower than fp32
+through the weight (``uᵢᵀ g = vᵢᵀ Wᵀ g / σᵢ``, ``vᵢᵀ x = uᵢᵀ W x / σᵢ``, where ``W x`` is the
+layer's own output and ``Wᵀ g`` the gradient autograd computes at its input: no extra product
+with W), so the hooks hold O(min(d)) numbers per layer besides that basis. When the weight's dtype is narrower than fp32
 (bf16, fp16), the stored basis is rounded to it, which perturbs the energies by about that
 dtype's precision; the factors of the chosen directions are then taken from the same
 decomposition in full precision, so only the choice itself can differ from a float64 reference,

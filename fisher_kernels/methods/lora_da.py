@@ -108,9 +108,11 @@ class LoraDA(InitMethod):
     shares_input_factor = True
 
     def temporary_bytes(self, d_out, d_in, dtype):
-        # at the inverse: the float64 Cholesky factor and inverse of Z and the fp32 inverse; then
-        # the step ΔW in float64 with its right-hand side
-        return 20 * d_in * d_in + 16 * d_in * d_out
+        # the larger of two stages: clipping A's rounding when its Cholesky fails (common with fewer
+        # calibration tokens than d_in: A and its eigenvectors in float64 and eigh's workspace, about
+        # two more float64 d_in²), and the inverse (the float64 Cholesky factor and inverse of Z and
+        # the fp32 inverse; then the step ΔW in float64 with its right-hand side)
+        return max(32 * d_in * d_in, 20 * d_in * d_in + 16 * d_in * d_out)
 
     def statistics_request(self, name, W, prepared):
         return StatisticsRequest(input_factor=True, output_factor_diag=True, gradient=True)
@@ -127,12 +129,15 @@ class LoraDA(InitMethod):
         L, info = torch.linalg.cholesky_ex(Z)
         if info.item() == 0:
             return L
-        values, vectors = torch.linalg.eigh(input_factor.double())
+        del L  # the clipping below holds at most A and its eigenvectors in float64, besides eigh's workspace
+        values, vectors = torch.linalg.eigh(Z.copy_(input_factor))
+        del Z
         clipped = int((values < 0).sum())
         warnings.warn(f"layer {name!r}: the input factor A has {clipped} slightly negative eigenvalues from float32 "
                       f"rounding (down to {values.min().item():.2e}; damping {self.input_damping:g}); they are "
                       "clipped to zero", RuntimeWarning, stacklevel=2)
-        Z = (vectors * values.clamp_min(0)) @ vectors.T
+        Z = vectors.mul_(values.clamp_min(0).sqrt()) @ vectors.T  # V Λ₊ Vᵀ as (V √Λ₊)(V √Λ₊)ᵀ
+        del vectors
         Z.diagonal().add_(self.input_damping)
         L, info = torch.linalg.cholesky_ex(Z)
         if info.item() != 0:

@@ -68,13 +68,16 @@ class _LayerAccumulator:
         self.calls = 0  # forward calls seen (0 after the pass: the layer never ran)
 
     def weight_times_input(self, rows: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """``W x`` for every row (N, d_out) in fp32 or wider. For fp32/fp64 layers it is the layer's own
-        output less its bias (no GEMM); narrower outputs are rounded, so it is recomputed in fp32,
+        """``W x`` for every row (N, d_out): the layer's own output less its bias (no GEMM), in the
+        output's dtype when the layer has no bias (a bf16 model's own rounding of ``W x``), in fp32
+        when it has one. Recomputed only where the output is not the layer's (another width): in fp32,
         reading W in fp32 blocks of ``WEIGHT_ROWS`` rows (no fp32 copy of the whole weight)."""
         bias = getattr(self.module, "bias", None)
-        if output.dtype in (torch.float32, torch.float64) and output.shape[-1] == self.d_out:
+        if output.shape[-1] == self.d_out:
             z = output.detach().reshape(-1, self.d_out)
-            return z if bias is None else z - bias.detach()
+            if bias is None:
+                return z
+            return z - bias.detach() if z.dtype in (torch.float32, torch.float64) else z.float() - bias.detach().float()
         W = weight_matrix(self.module).detach()
         if _tensor_core_gemm(W, rows):  # bf16/fp16 products are exact in fp32: the same sums, on tensor cores
             return cublas.mm_fp32(rows, W.T)
@@ -103,6 +106,26 @@ class _LayerAccumulator:
         energy.div_(self.singular_values.square())
 
 
+class _InputGradientTap(torch.autograd.Function):
+    """The identity on a layer's input, whose backward hands the gradient arriving there (``Wᵀ g``
+    of this layer alone, computed by autograd's own backward of the layer) to ``receive``: the
+    projection of ``Wᵀ g`` then costs no GEMM of the layer's size."""
+
+    @staticmethod
+    def forward(ctx, x, receive):
+        ctx.receive = receive
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.receive(grad)
+        return grad, None
+
+
+def _tapped(x: torch.Tensor) -> bool:
+    return type(x.grad_fn) is _InputGradientTap._backward_cls
+
+
 _CROSS_ATTENTION = ("encoder_attn", "EncDecAttention", "crossattention")
 _KEY_VALUE = ("k_proj", "v_proj", "k", "v", "key", "value")
 
@@ -128,35 +151,67 @@ class _StatisticsHooks:
         self.decoder_token_mask: torch.Tensor | None = None
         self.batch_index = 0
         self._inputs_this_batch: dict[int, tuple[torch.Tensor, str]] = {}
+        self._counted_rows: dict[int, int] = {}
         self.paused = False  # a forward that must not count (the model's own loss check)
 
     def register(self, guard: PreservedModelState) -> None:
         for layer in self.layers.values():
+            if layer.singular_side == "input" and not layer.request.input_factor:
+                guard.add_hook(layer.module.register_forward_pre_hook(self._input_tap(layer)))
             guard.add_hook(layer.module.register_forward_hook(self._forward_hook(layer)))
+
+    def _input_tap(self, layer: _LayerAccumulator):
+        """A forward pre-hook that routes the layer's input through :class:`_InputGradientTap`, so
+        that its backward projects the gradient at the input (``Wᵀ g``) onto the basis ``V``. Inputs
+        without a gradient (the first layers of a frozen model) are left alone; the gradient hook
+        then computes ``Wᵀ g`` itself."""
+        def hook(module, args):
+            if self.paused or not args or not torch.is_grad_enabled() or not args[0].requires_grad:
+                return None
+            mask, _ = self._row_mask(layer, args[0])
+
+            def receive(grad):
+                self.ops.masked_projected_energy_(layer.output_projected_energy, grad.reshape(-1, layer.d_in),
+                                                  layer.input_basis, mask)
+
+            return (_InputGradientTap.apply(args[0], receive), *args[1:])
+
+        return hook
 
     def start_batch(self, token_mask: torch.Tensor | None, index: int,
                     decoder_token_mask: torch.Tensor | None = None) -> None:
         self.token_mask, self.decoder_token_mask, self.batch_index = token_mask, decoder_token_mask, index
         self._inputs_this_batch.clear()
+        self._counted_rows: dict[int, int] = {}  # counted rows per mask, read from the device once a batch
 
-    def _row_mask(self, layer: _LayerAccumulator, x: torch.Tensor) -> torch.Tensor | None:
+    def _counted(self, mask: torch.Tensor) -> int:
+        """Positions a token mask of this batch counts: read from the device once per batch and
+        mask, not once per layer (each read stalls the host until the device's queue drains)."""
+        key = id(mask)
+        if key not in self._counted_rows:
+            self._counted_rows[key] = int(mask.sum())
+        return self._counted_rows[key]
+
+    def _row_mask(self, layer: _LayerAccumulator, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         """The 0/1 mask of ``x``'s rows, from the token mask of the layer's side (the decoder's for
         an encoder-decoder model's decoder layers). Inputs may keep the (B, T) token layout or
         come flattened to (B·T,) rows (OPT's MLP); a layer with one row per sequence (a pooled
         classification head) counts every row; a layer whose rows match the other side's mask
-        (equal-length checks aside) takes that one."""
+        (equal-length checks aside) takes that one. Returns the mask (None: every row) and the
+        number of rows it counts."""
         lead = tuple(x.shape[:-1])
         own, other = ((self.decoder_token_mask, self.token_mask) if layer.side == "decoder"
                       else (self.token_mask, self.decoder_token_mask))
+        every_row = (None, math.prod(lead))
         if own is None:
-            return None  # every position of this side counts
+            return every_row  # every position of this side counts
         for mask in (own, other):
             if mask is None:
                 continue
             if lead == tuple(mask.shape) or (len(lead) == 1 and mask.dim() > 1 and lead[0] == mask.numel()):
-                return mask.reshape(-1)
+                return mask.reshape(-1), self._counted(mask)
         if len(lead) == 1 and lead[0] == own.shape[0]:
-            return None  # a sequence-level layer (one row per sample)
+            return every_row  # a sequence-level layer (one row per sample)
         raise ValueError(
             f"layer {layer.name!r}: input of shape {tuple(x.shape)} does not match the token mask "
             f"{tuple(own.shape)} of batch {self.batch_index}"
@@ -185,9 +240,9 @@ class _StatisticsHooks:
                 return
             layer.calls += 1
             x = args[0].detach()
-            mask = self._row_mask(layer, x)
+            mask, counted = self._row_mask(layer, x)
             rows = x.reshape(-1, layer.d_in)
-            layer.num_tokens += rows.shape[0] if mask is None else int(mask.sum())
+            layer.num_tokens += counted
             req = layer.request
             if req.input_factor and self._owns_input_factor(layer, args[0]):
                 self.ops.masked_syrk_(layer.input_factor, rows, mask)
@@ -199,11 +254,11 @@ class _StatisticsHooks:
             if req.needs_output_gradient:
                 if not output.requires_grad:
                     output.requires_grad_(True)
-                output.register_hook(self._gradient_hook(layer, rows if req.gradient else None, mask))
+                output.register_hook(self._gradient_hook(layer, rows if req.gradient else None, mask, _tapped(args[0])))
 
         return hook
 
-    def _gradient_hook(self, layer: _LayerAccumulator, rows: torch.Tensor | None, mask):
+    def _gradient_hook(self, layer: _LayerAccumulator, rows: torch.Tensor | None, mask, tapped: bool = False):
         def hook(grad):
             g = grad.detach().reshape(-1, grad.shape[-1])
             if layer.output_factor is not None:
@@ -214,7 +269,7 @@ class _StatisticsHooks:
                 self.ops.masked_outer_(layer.gradient, g, rows, mask)
             if layer.output_basis is not None:
                 self.ops.masked_projected_energy_(layer.output_projected_energy, g, layer.output_basis, mask)
-            elif layer.singular_side == "input":  # U = W V / S: project Wᵀ g onto V
+            elif layer.singular_side == "input" and not tapped:  # U = W V / S: project Wᵀ g onto V
                 self.ops.masked_projected_energy_(layer.output_projected_energy, layer.weight_transpose_times_gradient(g),
                                                   layer.input_basis, mask)
 
