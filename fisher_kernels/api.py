@@ -6,6 +6,7 @@ import contextvars
 import functools
 import numbers
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -538,7 +539,10 @@ def init_lora(
     use_rslora = bool(getattr(lora_config, "use_rslora", False))
     scale = lora_scale(lora_alpha, r, use_rslora)
 
-    names = resolve_target_modules(model, target_modules)
+    with warnings.catch_warnings():
+        if getattr(lora_config, "target_parameters", None):  # the config's own warning says what they get
+            warnings.filterwarnings("ignore", message=r".*mixture-of-experts weights are fused 3-D parameters")
+        names = resolve_target_modules(model, target_modules)
     conv1d = [n for n in names if not isinstance(model.get_submodule(n), nn.Linear)]
     if conv1d and len(conv1d) != len(names):
         raise TypeError("target_modules mixes nn.Linear and Conv1D layers, which one PEFT config cannot express; "
