@@ -14,9 +14,10 @@ side of its SVD is kept (V when ``d_in ≤ d_out``, else U: ``min(d_out, d_in)²
 weight's dtype) with the singular values; the collector recovers the other side's projections
 through the weight (``uᵢᵀ g = vᵢᵀ Wᵀ g / σᵢ``, ``vᵢᵀ x = uᵢᵀ W x / σᵢ``, where ``W x`` is the
 layer's own output and ``Wᵀ g`` the gradient autograd computes at its input: no extra product
-with W), so the hooks hold O(min(d)) numbers per layer besides that basis. When the weight's dtype is narrower than fp32
-(bf16, fp16), the stored basis is rounded to it, which perturbs the energies by about that
-dtype's precision; the factors of the chosen directions are then taken from the same
+with W), so the hooks hold O(min(d)) numbers per layer besides that basis. When the weight's
+dtype is narrower than fp32 (bf16, fp16), the stored basis is rounded to it (and ``W x``, ``Wᵀ g``
+are the model's own bf16 results), which perturbs the energies by about that dtype's precision;
+the factors of the chosen directions are then taken from the same
 decomposition in full precision, so only the choice itself can differ from a float64 reference,
 and only between candidates whose energies nearly tie (measured in the tests and the README).
 For a model on a GPU that full-precision basis waits in host memory (while less than half the

@@ -182,7 +182,7 @@ class _StatisticsHooks:
                     decoder_token_mask: torch.Tensor | None = None) -> None:
         self.token_mask, self.decoder_token_mask, self.batch_index = token_mask, decoder_token_mask, index
         self._inputs_this_batch.clear()
-        self._counted_rows: dict[int, int] = {}  # counted rows per mask, read from the device once a batch
+        self._counted_rows = {}  # counted rows per mask, read from the device once a batch
 
     def _counted(self, mask: torch.Tensor) -> int:
         """Positions a token mask of this batch counts: read from the device once per batch and
