@@ -228,8 +228,8 @@ def main(argv=None):
                         help="learning rates tried per method on the first seed, the best then run on every seed "
                              "(bbc: every one, only when given, otherwise --lr; causal tasks: a ladder searched "
                              "from --lr-start until the best is bracketed by worse rates)")
-    parser.add_argument("--lr-start", type=float, help="causal tasks: the sweep's first rate (default: the ladder's "
-                                                        "middle)")
+    parser.add_argument("--lr-start", type=float, help="causal tasks: the sweep's first rate (default: 1e-4 on the "
+                                                        "default ladder, else the ladder's middle)")
     args = parser.parse_args(argv)
     lrs_given = args.lrs if "--lrs" in (argv if argv is not None else sys.argv) else None
     if args.task != "bbc":
@@ -244,8 +244,11 @@ def main(argv=None):
         for key, value in causal.items():
             if getattr(args, key) == getattr(defaults, key):
                 setattr(args, key, value)
+        if args.lr_start is None and args.lrs == causal["lrs"]:
+            args.lr_start = 1e-4  # the default ladder's search starts where most methods did best so far
         if args.quick:
             args.seeds, args.lrs, args.train_size, args.eval_size, args.calibration_size = [0], [1e-3], 16, 8, 4
+            args.lr_start = 1e-3
             args.steps, args.eval_steps, args.methods = 2, [2], "filet,lora_ga"
         return quality_causal.main(args)
     if args.quick:

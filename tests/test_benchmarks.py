@@ -130,6 +130,19 @@ def test_learning_rate_sweep_stops_once_the_best_rate_is_bracketed():
         bracketing_sweep(lambda lr: {}, ladder, 2e-4)
 
 
+def test_causal_defaults_search_the_ladder_from_1e_4(monkeypatch):
+    """The committed table's sweep started at 1e-4; the default ladder's middle is another rate."""
+    from benchmarks import quality, quality_causal
+
+    seen = {}
+    monkeypatch.setattr(quality_causal, "main", lambda args: seen.update(args=args))
+    quality.main(["--task", "siqa"])
+    assert seen["args"].lr_start == 1e-4 and 1e-4 in seen["args"].lrs
+    quality.main(["--task", "siqa", "--lrs", "1e-3", "3e-3", "1e-2"])
+    assert seen["args"].lr_start is None  # a ladder of one's own: its middle (3e-3)
+    assert quality_causal.start_rate(seen["args"].lrs) == 3e-3
+
+
 def test_causal_results_of_several_processes_merge_into_one_table(tmp_path):
     from benchmarks.quality_causal import merge
 
