@@ -1,11 +1,13 @@
 """Per-layer work (decompositions and selections) split across ranks: time with 1 and 2 gloo ranks.
 
-    python -m benchmarks.split_work [--hidden 1024 --layers 4 --method pissa]
+    python -m benchmarks.split_work [--hidden 1024 --layers 4 --method pissa] [--fsdp]
 
 The same random Llama, ``method`` without data (``pissa``, ``milora``) so that only the split work is
 timed: 2 processes with 1 thread each against one process with 1 thread (as one device against two)
 and against one process with 2 threads (the same cores: multithreaded LAPACK already uses them).
-Prints the decomposition + initialisation seconds of each and the speed-ups.
+Prints the decomposition + initialisation seconds of each and the speed-ups. ``--fsdp``: the ranks
+shard the model with FSDP2 (``fully_shard`` on every block and the root), so each layer's weight is
+gathered before its owner decomposes it (the gathers are in the timed work).
 """
 
 from __future__ import annotations
@@ -38,10 +40,17 @@ def _rank(rank, world, init_file, args, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = build(args.hidden, args.layers)
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
     dist.barrier()
     report = compute_initialization(model, None, method=args.method, r=args.r, progress=False)
     if rank == 0:
         torch.save({"seconds": work_seconds(report), "split": report.split_ranks}, out)
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -51,6 +60,7 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--method", default="pissa")
     parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--fsdp", action="store_true", help="shard the model over the 2 ranks with FSDP2")
     args = parser.parse_args(argv)
     from fisher_kernels import compute_initialization
 
@@ -64,7 +74,8 @@ def main(argv=None):
         mp.spawn(_rank, args=(2, os.path.join(tmp, "init"), args, out), nprocs=2, join=True)
         split = torch.load(out)
     seconds = split["seconds"]
-    print(f"{args.method}, Llama hidden {args.hidden}, {args.layers} blocks: 2 ranks × 1 thread (work split over "
+    print(f"{args.method}, Llama hidden {args.hidden}, {args.layers} blocks: 2 ranks × 1 thread"
+          f"{' (FSDP2-sharded)' if args.fsdp else ''} (work split over "
           f"{split['split']}) {seconds:.2f} s; one process × 1 thread {single[1]:.2f} s ({single[1] / seconds:.2f}×); "
           f"one process × 2 threads {single[2]:.2f} s ({single[2] / seconds:.2f}×)")
     return {"split_seconds": seconds, "single_1_thread_seconds": single[1], "single_2_threads_seconds": single[2]}

@@ -19,7 +19,9 @@ from .layers import layer_dims, resolve_target_modules, trainable_heads, weight_
 from .methods import METHODS, LayerInit, lora_scale
 from .options import method_and_options
 from .rank_allocation import allocate_ranks, rank_patterns, truncated
-from .split_work import broadcast_results, compute_share, deal, rank_and_world
+from .sharded import (CALLED_MODULE, GatheredWeights, average_gradients_over_ranks, count_nonfinite, is_partitioned,
+                      is_sharded, reshard, sharding_of)
+from .split_work import broadcast_results, compute_in_rounds, compute_share, deal, rank_and_world
 from .peft_wiring import (apply_base_updates, make_lora_config, remove_peft_layers, revert_base_updates,
                           wrap_with_lora)
 from .statistics import KFACStatistics, collect_statistics, model_fingerprint
@@ -97,38 +99,19 @@ def _check_rank(r) -> int:
 _EXISTING_ADAPTER = contextvars.ContextVar("fisher_kernels_existing_adapter", default=False)
 
 
-def _sharded_parameter(model) -> tuple[str, str] | None:
-    """``(name, kind)`` of the first parameter sharded by FSDP (FSDP2's DTensor, FSDP1's flat
-    parameters) or DeepSpeed ZeRO-3, else ``None``."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        DTensor = ()  # noqa: N806
-    for name, p in model.named_parameters():
-        if isinstance(p, DTensor):
-            return name, "a DTensor: FSDP2 / tensor parallel"
-        if type(p).__name__ == "FlatParameter" or "_fsdp_wrapped_module" in name:
-            return name, "FSDP1"
-        if hasattr(p, "ds_id"):
-            return name, "DeepSpeed ZeRO-3"
-    return None
-
-
-def _check_model(model) -> None:
+def _check_model(model) -> str | None:
+    """Checks ``model``; returns its sharding (``"fsdp2"`` or ``None``, see :mod:`fisher_kernels.sharded`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    sharding = sharding_of(model, inside_fsdp=_EXISTING_ADAPTER.get())
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover
-        return
-    sharded = _sharded_parameter(model)
-    if sharded is not None:
-        raise TypeError(f"parameter {sharded[0]!r} is sharded ({sharded[1]}): FSDP / DeepSpeed ZeRO-3 models are not "
-                        "supported yet. Initialise the unsharded model (e.g. init_lora before fully_shard / "
-                        "deepspeed.initialize, or on CPU), save it, then shard it for training")
+        return sharding
     if not _EXISTING_ADAPTER.get() and any(isinstance(m, LoraLayer) for m in model.modules()):
         raise TypeError("model holds LoRA layers but is not a PeftModel: pass the base model, or the PeftModel "
                         "itself to initialise one of its adapters")
+    return sharding
 
 
 def plan_layer_groups(layer_bytes: dict[str, int], max_stats_memory: int | None) -> list[list[str]]:
@@ -153,8 +136,10 @@ def plan_layer_groups(layer_bytes: dict[str, int], max_stats_memory: int | None)
 
 def _initialized(init_method, weights, names, stats, prepared, statistics):
     """``(name, LayerInit)`` for ``names``, each checked finite; every layer's statistics and
-    prepared basis are freed as soon as its result exists (shared input factors with their last user)."""
-    for name, init in init_method.initialize({n: weights[n] for n in names}, stats, prepared):
+    prepared basis are freed as soon as its result exists (shared input factors with their last user).
+    ``weights``: a dict, or a sharded model's :class:`GatheredWeights` (gathered one layer at a time)."""
+    subset = weights.restricted(names) if isinstance(weights, GatheredWeights) else {n: weights[n] for n in names}
+    for name, init in init_method.initialize(subset, stats, prepared):
         for key, value in init.tensors().items():
             if not torch.isfinite(value).all():
                 raise ValueError(f"layer {name!r}: the computed {key} is not finite")
@@ -166,6 +151,15 @@ def _initialized(init_method, weights, names, stats, prepared, statistics):
 
 def _initialized_dict(*args) -> dict:
     return dict(_initialized(*args))
+
+
+def _initialized_share(init_method, stats, prepared, statistics, weights: dict) -> dict:
+    """One rank's share of a round (:func:`compute_in_rounds`): the layers of ``weights``."""
+    return _initialized_dict(init_method, weights, list(weights), stats, prepared, statistics)
+
+
+def _prepared_share(init_method, weights: dict) -> dict:
+    return {n: init_method.prepare(n, W) for n, W in weights.items()}
 
 
 def _solve_units(names: list[str], stats) -> list[list[str]]:
@@ -270,7 +264,7 @@ def compute_initialization(
     statistics are freed as soon as its initialisation is computed. No copy of the weights is
     made beyond one layer's temporaries.
     """
-    _check_model(model)
+    sharding = _check_model(model)
     method, method_options = method_and_options(method, method_options)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
@@ -293,10 +287,10 @@ def compute_initialization(
     report = InitReport(method=method, r=r, scale=scale, target_modules=names, residual_base=init_method.residual_base,
                         options=dict(method_options, token_mask=token_mask, fisher=fisher, seed=seed,
                                      num_batches=num_batches, micro_batch_size=micro_batch_size))
-    weights = {name: weight_matrix(model.get_submodule(name)).detach() for name in names}  # views, no copies
-    for name, W in weights.items():
-        if not torch.isfinite(W).all():
-            bad = int((~torch.isfinite(W)).sum())
+    # views, no copies (a sharded model's are its shards, gathered one layer at a time where needed)
+    weights = {name: weight_matrix(model.get_submodule(name)).detach() for name in names}
+    for name, bad in count_nonfinite(model, names).items():
+        if bad:
             raise ValueError(f"layer {name!r}: its weight holds {bad} NaN or Inf entries; the model's weights are "
                              "corrupted (nothing was changed)")
     start = time.perf_counter()
@@ -321,16 +315,28 @@ def compute_initialization(
                              "so the loader must be re-iterable (a DataLoader or a list, not a generator)")
         report.memory_plan += f"; {len(groups)} calibration pass{'es' if len(groups) > 1 else ''}"
 
+    if sharding and distributed is False:
+        raise ValueError(f"the model is sharded ({sharding}): every rank holds a part of each weight, so every rank "
+                         "must take part; distributed=False is not possible")
     rank, world = rank_and_world() if distributed is not False else (0, 1)
     split = world > 1 and init_method.splittable  # each rank computes its share of the layers
     report.split_ranks = world if split else 1
+    gathered = GatheredWeights(model, names) if sharding else None
+    device = weights[names[0]].device
     for group in groups:
         t = time.perf_counter()
-        if split:
+        if sharding and not init_method.prepares:
+            prepared = {n: None for n in group}
+        elif sharding and split:
+            prepared = compute_in_rounds([[n] for n in group], gathered.__getitem__,
+                                         functools.partial(_prepared_share, init_method), device)
+        elif sharding:
+            prepared = {n: init_method.prepare(n, gathered[n]) for n in group}
+        elif split:
             owner = deal([[n] for n in group], world)
             mine = compute_share(lambda: {n: init_method.prepare(n, weights[n]) for n in group if owner[n] == rank},
                                  owner, rank)
-            prepared = broadcast_results(mine, owner, group, weights[group[0]].device)
+            prepared = broadcast_results(mine, owner, group, device)
         else:
             prepared = {n: init_method.prepare(n, weights[n]) for n in group}
         report.prepared_bytes = max(report.prepared_bytes, sum(_nbytes(p) for p in prepared.values()))
@@ -362,16 +368,26 @@ def compute_initialization(
             report.num_tokens.update({n: stats[n].num_tokens for n in group})
         t = time.perf_counter()
         with torch.no_grad():
-            if split:
+            if sharding and split:
+                report.layers.update(compute_in_rounds(
+                    _solve_units(group, stats), gathered.__getitem__,
+                    functools.partial(_initialized_share, init_method, stats, prepared, statistics), device))
+            elif sharding:
+                report.layers.update(_initialized(init_method, gathered, group, stats, prepared, statistics))
+            elif split:
                 owner = deal(_solve_units(group, stats), world)
                 share = [n for n in group if owner[n] == rank]
                 mine = compute_share(functools.partial(_initialized_dict, init_method, weights, share, stats, prepared,
                                                        statistics), owner, rank)
-                report.layers.update(broadcast_results(mine, owner, group, weights[group[0]].device))
+                report.layers.update(broadcast_results(mine, owner, group, device))
             else:
                 report.layers.update(_initialized(init_method, weights, group, stats, prepared, statistics))
         report.timings["initialization"] += time.perf_counter() - t
         del stats, prepared
+    if split or sharding:  # no rank leaves while another still receives what it sent (gloo aborts then)
+        import torch.distributed as dist
+
+        dist.barrier()
     report.stats_bytes = max(report.stats_bytes_per_group, default=0)
     report.timings["total"] = time.perf_counter() - start
     return report
@@ -436,7 +452,10 @@ def init_lora(
 
     Args:
         model: a ``transformers`` model or any ``nn.Module``. It is wrapped in place, as
-            ``peft.get_peft_model`` does; if anything fails before wrapping, it is left untouched.
+            ``peft.get_peft_model`` does; if anything fails, it is left as it was. It may be
+            sharded with FSDP2 (``fully_shard``), or be a ``PeftModel`` partitioned by DeepSpeed
+            ZeRO-3 (``engine.module``): every rank then calls ``init_lora`` with its own shard of
+            the data (see :mod:`fisher_kernels.sharded`).
         loader: iterable of calibration batches: dicts of tensors with ``labels`` (as
             ``transformers`` models take them), or ``(inputs, targets)`` pairs with ``loss_fn``.
             Not needed by the weight-only methods (``gaussian``, ``pissa``, ``milora``).
@@ -468,7 +487,8 @@ def init_lora(
             this many sequences: identical statistics, activations of one micro-batch at a time
             (the calibration pass is usually the largest memory cost after the model).
         distributed: ``None`` (default): under ``torch.distributed``, statistics summed over the
-            ranks and the per-layer work split across them; ``False``: this process alone.
+            ranks and the per-layer work split across them; ``False``: this process alone (not
+            for a sharded model).
         adapter_name: when ``model`` is already a ``PeftModel`` (e.g. made by TRL from a
             ``peft_config``), the LoRA adapter of that name is initialised in place: its ``r``,
             ``lora_alpha``, rsLoRA and targets come from its config (``target_modules`` and
@@ -522,7 +542,12 @@ def init_lora(
         lora_alpha = lora_config.lora_alpha
         if target_modules is None:
             target_modules = lora_config.target_modules
-    _check_model(model)
+    if _check_model(model) == "zero3":
+        name = next(n for n, p in model.named_parameters() if is_partitioned(p))
+        raise TypeError(f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3, whose engine's optimizer was fixed "
+                        "at deepspeed.initialize: adapters added now would never train. Create the PeftModel first "
+                        "(get_peft_model(model, LoraConfig(...)) before deepspeed.initialize, as accelerate and TRL "
+                        "do) and pass it (engine.module): init_lora initialises its adapter in place")
     if rank_budget is not None:
         if method != "filet":
             raise ValueError(f"rank_budget needs scores of single directions that compare across layers (FILet's "
@@ -580,11 +605,13 @@ def _init_existing_adapter(peft_model, loader, adapter_name, method, r, lora_alp
     scale = lora_scale(config.lora_alpha, config.r, config.use_rslora)
     base = peft_model.get_base_model()
     token = _EXISTING_ADAPTER.set(True)
+    called = CALLED_MODULE.set(peft_model if sharding_of(peft_model) else None)  # FSDP's root runs forward
     try:
         with peft_model.disable_adapter():
             report = compute_initialization(base, loader, method=method, r=config.r, scale=scale,
                                             target_modules=[name + ".base_layer" for name in layers], **options)
     finally:
+        CALLED_MODULE.reset(called)
         _EXISTING_ADAPTER.reset(token)
     warn_about_shared_bases(layers, adapter_name, report.residual_base)
     t = time.perf_counter()
@@ -615,17 +642,27 @@ def _wire(model: nn.Module, report: InitReport, config, scale: float, progress: 
     parameters = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     attributes = dict(vars(model))
-    peft_model, written = None, []
+    peft_model, written, hooks = None, [], []
+    sharded = sharding_of(model) is not None
     try:
+        if sharded:
+            reshard(model)  # what is written into the shards is what the next forward gathers
         peft_model = wrap_with_lora(model, report.layers, config, scale)
         if report.residual_base:
             report.initial_adapter = snapshot_adapter(peft_model)  # for save_as_plain_lora
         written = apply_base_updates(model, report.layers, progress=progress)
+        if sharded:  # the new adapters are plain parameters, outside FSDP: their gradients averaged as FSDP's
+            mesh = next(p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh"))
+            hooks = average_gradients_over_ranks([p for p in model.parameters() if p.requires_grad and not is_sharded(p)],
+                                                 group=mesh.get_group())
+            peft_model.fisher_kernels_gradient_hooks = hooks
         report.timings["peft"] = time.perf_counter() - t
         report.timings["total"] += report.timings["peft"]
         _attach_report(peft_model, report)
         return peft_model
     except BaseException:
+        for hook in hooks:
+            hook.remove()
         revert_base_updates(model, written)
         remove_peft_layers(model)
         for p, requires_grad, grad in parameters:

@@ -23,9 +23,11 @@ def snapshot_adapter(peft_model, adapter: str = "default") -> dict[str, tuple[to
     """CPU copies of every LoRA layer's ``(lora_A, lora_B)`` of ``adapter``, keyed by layer name."""
     from peft.tuners.lora import LoraLayer
 
+    from .sharded import whole
+
     base = peft_model.get_base_model()
     return {
-        name: (module.lora_A[adapter].weight.detach().cpu().clone(), module.lora_B[adapter].weight.detach().cpu().clone())
+        name: (whole(module.lora_A[adapter].weight).cpu().clone(), whole(module.lora_B[adapter].weight).cpu().clone())
         for name, module in base.named_modules()
         if isinstance(module, LoraLayer) and adapter in module.lora_A
     }

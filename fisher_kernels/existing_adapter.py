@@ -18,6 +18,8 @@ import warnings
 import torch
 from torch import nn
 
+from .sharded import copy_whole_
+
 
 def lora_layers_of(peft_model, adapter_name: str) -> dict[str, nn.Module]:
     """``{name: LoraLayer}`` (names in the base model) of the layers that hold ``adapter_name``."""
@@ -61,9 +63,9 @@ def write_adapter(peft_model, adapter_name: str, layers: dict[str, nn.Module], i
         A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         previous[name] = (A.detach().clone(), B.detach().clone())
         if init.lora_A is not None:
-            A.copy_(init.lora_A.to(A.device, A.dtype))
+            copy_whole_(A, init.lora_A)
         if init.lora_B is not None:
-            B.copy_(init.lora_B.to(B.device, B.dtype))
+            copy_whole_(B, init.lora_B)
     return previous
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .layers import row_blocks, weight_matrix
+from .sharded import is_partitioned, is_sharded, local_update_factors, modify_whole_
 from .methods import LayerInit
 
 
@@ -175,8 +176,18 @@ UPDATE_ROWS = 1024
 def add_low_rank_(module: nn.Module, P: torch.Tensor, Q: torch.Tensor, alpha: float) -> None:
     """``W += alpha · P Q`` in place for a layer's weight ``W (d_out, d_in)``: directly for fp32/fp64
     weights, through fp32 temporaries of ``UPDATE_ROWS`` rows for narrower dtypes (the same
-    numbers as one fp32 temporary of the whole layer)."""
-    W = weight_matrix(module)
+    numbers as one fp32 temporary of the whole layer). A sharded (FSDP2) weight: this rank's rows;
+    a partitioned (ZeRO-3) one: gathered, changed on rank 0 and re-partitioned."""
+    if is_sharded(module.weight):
+        _add_low_rank_to_(*local_update_factors(module, P, Q), alpha)
+    elif is_partitioned(module.weight):  # ZeRO-3: the whole weight, changed on rank 0 and re-partitioned
+        modify_whole_(module.weight, lambda W: _add_low_rank_to_(W if isinstance(module, nn.Linear) else W.T, P, Q,
+                                                                 alpha))
+    else:
+        _add_low_rank_to_(weight_matrix(module), P, Q, alpha)
+
+
+def _add_low_rank_to_(W: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, alpha: float) -> None:
     P, Q = P.to(W.device), Q.to(W.device)
     if W.dtype in (torch.float32, torch.float64):
         W.addmm_(P.to(W.dtype), Q.to(W.dtype), alpha=alpha)
@@ -240,10 +251,20 @@ def save_residual_model(peft_model, adapter_dir: str, base_dir: str) -> None:
     Reload with ``PeftModel.from_pretrained(AutoModel...from_pretrained(base_dir), adapter_dir)``.
     To get a plain LoRA adapter for the *original* model instead, use PEFT's conversion path
     (``save_pretrained(..., path_initial_model_for_weight_conversion=...)``, as for PiSSA).
-    The model passed in is left as it was.
+    The model passed in is left as it was. A sharded (FSDP2, ZeRO-3) model is refused: gather its state
+    with ``torch.distributed.checkpoint.state_dict.get_model_state_dict(model,
+    options=StateDictOptions(full_state_dict=True, cpu_offload=True))`` (ZeRO-3:
+    ``engine.save_16bit_model``) and save that on one rank.
     """
     import os
 
+    sharded = next((name for name, p in peft_model.named_parameters() if is_sharded(p) or is_partitioned(p)), None)
+    if sharded is not None:
+        raise TypeError(f"parameter {sharded!r} is sharded (FSDP2 / ZeRO-3): save_residual_model would write one "
+                        "rank's part. Gather the whole state and save it on rank 0: FSDP2 with torch.distributed."
+                        "checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict="
+                        "True, cpu_offload=True)), ZeRO-3 with engine.save_16bit_model(...); the adapter alone saves "
+                        "as usual (peft_model.save_pretrained)")
     peft_model.save_pretrained(adapter_dir)
     report = getattr(peft_model, "fisher_kernels_report", None)
     if report is not None:  # how the adapter was made, beside it

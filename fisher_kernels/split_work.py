@@ -11,6 +11,7 @@ so in one ``all_gather_object`` before any broadcast, and then every rank raises
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -75,3 +76,27 @@ def broadcast_results(results: dict, owner: dict[str, int], names: list[str], de
         dist.broadcast_object_list(box, src=owner[name])
         out[name] = _moved(box[0], device)
     return out
+
+
+def compute_in_rounds(units: list[list[str]], gather, work, device) -> dict:
+    """The split for sharded weights (which must be gathered, a collective, before any work on
+    them): units dealt as :func:`deal` does, in rounds of one unit per rank. In each round every
+    rank gathers the round's layers in model order (``gather(name)`` returns the whole weight),
+    keeps its own unit's, computes ``work({name: weight})`` for it, and the round's results are
+    broadcast. A rank holds one unit's gathered weights at a time."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for start in range(0, len(units), world):
+        owner = {name: index for index, unit in enumerate(units[start:start + world]) for name in unit}
+        mine = {}
+        for name in owner:
+            weight = gather(name)
+            if owner[name] == rank:
+                mine[name] = weight
+            del weight
+        round_results = compute_share(functools.partial(work, mine), owner, rank)
+        del mine
+        results.update(broadcast_results(round_results, owner, list(owner), device))
+    return results

@@ -6,6 +6,7 @@ import datetime
 import os
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -23,6 +24,7 @@ def process_group(rank, world_size, init_file, timeout_s=None):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, **timeout)
     try:
         yield
+        dist.barrier()  # no rank leaves while another still receives what it sent
     finally:
         dist.destroy_process_group()
 
@@ -181,27 +183,221 @@ def test_distributed_false_runs_a_local_initialisation_inside_a_process_group(tm
         assert torch.allclose(local[name], init.lora_A, atol=1e-5), name
 
 
-def _fsdp_rank_main(rank, world_size, init_file, out_dir):
+FSDP_CASES = [("llama", "filet", {}), ("llama", "lora_da", dict(population_size=100)), ("llama", "lora_ga", {}),
+              ("llama", "pissa", {}), ("llama", "kasa", {}), ("gpt2", "filet", {}), ("llama", "filet-existing", {})]
+
+
+def _sharded(model):
     from torch.distributed.fsdp import fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = base.model.layers if hasattr(base, "model") else base.transformer.h
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _lora_modules(model):
+    from peft.tuners.lora import LoraLayer
+
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _fsdp_rank_main(rank, world_size, init_file, out_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from fisher_kernels import init_lora, save_residual_model
+    from fisher_kernels.sharded import whole
+    from tiny_models import make_model, make_samples, pad_batches
+
+    with process_group(rank, world_size, init_file, timeout_s=120):
+        results = {}
+        for kind, method, options in FSDP_CASES:
+            batches = pad_batches(make_samples(kind, n=8), 2)
+            model = make_model(kind)
+            if method == "filet-existing":  # TRL / accelerate: the PeftModel is made first, then sharded
+                model = _sharded(get_peft_model(model, LoraConfig(r=3, target_modules=["q_proj", "down_proj"])))
+                peft_model = init_lora(model, batches[rank::world_size], progress=False)
+            else:
+                peft_model = init_lora(_sharded(model), batches[rank::world_size], method=method, r=3,
+                                       progress=False, **options)
+            layers = _lora_modules(peft_model)
+            case = {"split_ranks": peft_model.fisher_kernels_report.split_ranks}
+            for name, layer in layers.items():
+                case[name] = (whole(layer.lora_A["default"].weight), whole(layer.lora_B["default"].weight),
+                              whole(layer.base_layer.weight))
+            with torch.no_grad():
+                case["logits"] = peft_model(**batches[0]).logits
+            if method == "filet":  # the adapter saves as usual; the sharded residual base is refused with the recipe
+                peft_model.save_pretrained(os.path.join(out_dir, f"adapter{rank}-{kind}"))
+                try:
+                    save_residual_model(peft_model, os.path.join(out_dir, "a"), os.path.join(out_dir, "b"))
+                except TypeError as err:
+                    case["save_residual"] = str(err)
+            peft_model(**batches[rank]).loss.backward()  # each rank its own batch (eval mode: no dropout)
+            case["grads"] = {name: whole(layer.lora_A["default"].weight.grad) for name, layer in layers.items()}
+            results[kind, method] = case
+        torch.save(results, os.path.join(out_dir, f"fsdp{rank}.pt"))
+
+
+def test_fsdp2_sharded_models_get_the_adapters_of_one_process_with_the_whole_model(tmp_path):
+    """FSDP2 (fully_shard) on two gloo ranks, each with half of the data: the same adapters, residual
+    base weights and step-0 outputs as one process with the whole model and all of the data, for
+    split (FILet, LoRA-DA, LoRA-GA, PiSSA), unsplit (KaSA) and GPT-2 Conv1D layers, and for an
+    adapter of a PeftModel sharded before initialisation; the adapters' gradients are averaged."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
 
     from fisher_kernels import init_lora
     from tiny_models import make_model, make_samples, pad_batches
 
-    with process_group(rank, world_size, init_file):
-        model = make_model("llama")
-        for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
-        try:
-            init_lora(model, pad_batches(make_samples("llama", n=4), 2), r=2, progress=False)
-            message = "no error"
-        except TypeError as err:
-            message = str(err)
-        torch.save(message, os.path.join(out_dir, f"fsdp{rank}.pt"))
-
-
-def test_fsdp2_sharded_models_are_refused_with_the_workaround(tmp_path):
     mp.spawn(_fsdp_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"fsdp{r}.pt") for r in range(2)]
+    for kind, method, options in FSDP_CASES:
+        batches = pad_batches(make_samples(kind, n=8), 2)
+        if method == "filet-existing":
+            single = init_lora(get_peft_model(make_model(kind), LoraConfig(r=3, target_modules=["q_proj", "down_proj"])),
+                               batches, progress=False)
+        else:
+            single = init_lora(make_model(kind), batches, method=method, r=3, progress=False, **options)
+        with torch.no_grad():
+            logits = single(**batches[0]).logits
+        for index in (0, 1):  # the mean of the two ranks' losses, as FSDP averages gradients
+            (single(**batches[index]).loss / 2).backward()
+        layers = _lora_modules(single)
+        assert layers and ranks[0][kind, method].keys() - {"split_ranks", "logits", "grads", "save_residual"} == layers.keys()
+        if method == "filet":
+            assert "get_model_state_dict" in ranks[0][kind, method]["save_residual"]
+            saved = load_file(tmp_path / f"adapter0-{kind}" / "adapter_model.safetensors")
+            assert len(saved) == 2 * len(layers)
+            for key, value in saved.items():  # the adapter saved from rank 0 holds every layer's whole factors
+                layer = layers[key.removeprefix("base_model.model.").split(".lora_")[0]]
+                expected = (layer.lora_A if ".lora_A." in key else layer.lora_B)["default"].weight.detach()
+                assert value.shape == expected.shape, key
+        assert ranks[0][kind, method]["split_ranks"] == (1 if method == "kasa" else 2)
+        for rank in ranks:
+            case = rank[kind, method]
+            for name, layer in layers.items():
+                A, B, W = case[name]
+                # a singular vector's sign is arbitrary: each component (row of A, column of B) is aligned first
+                sign = torch.where((A * layer.lora_A["default"].weight).sum(1) < 0, -1.0, 1.0)
+                for got, expected in ((A * sign[:, None], layer.lora_A["default"].weight),
+                                      (B * sign, layer.lora_B["default"].weight), (W, layer.base_layer.weight),
+                                      (case["grads"][name] * sign[:, None], layer.lora_A["default"].weight.grad)):
+                    expected = expected.detach()
+                    assert torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item()), (
+                        kind, method, name, (got - expected).abs().max())
+            assert torch.allclose(case["logits"], logits, atol=1e-4), (kind, method)
+        for name in layers:  # every rank holds the same adapters
+            assert torch.equal(ranks[0][kind, method][name][0], ranks[1][kind, method][name][0])
+
+
+def _fsdp_uneven_rank_main(rank, world_size, init_file, out_dir, case):
+    from fisher_kernels import init_lora
+    from tiny_models import make_model, make_samples, pad_batches
+
+    samples = make_samples("llama", n=8)
+    with process_group(rank, world_size, init_file, timeout_s=60):
+        if case == "refused":  # a tensor-parallel DTensor outside FSDP, and HSDP's 2-D mesh
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.tensor import Shard, distribute_tensor
+
+            messages = []
+            tensor_parallel = make_model("llama")
+            layer = tensor_parallel.model.layers[0].mlp.down_proj
+            layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), init_device_mesh("cpu", (2,)),
+                                                                [Shard(1)]))
+            hsdp = fully_shard(make_model("llama"), mesh=init_device_mesh("cpu", (1, 2), mesh_dim_names=("r", "s")))
+            for model in (tensor_parallel, hsdp):
+                try:
+                    init_lora(model, pad_batches(samples, 2), r=3, progress=False)
+                    messages.append("no error")
+                except TypeError as err:
+                    messages.append(str(err))
+            torch.save(messages, os.path.join(out_dir, f"{case}{rank}.pt"))
+            return
+        model = _sharded(make_model("llama"))
+        if case == "fault":  # the last stage fails after the residual went into the shards: all is put back
+            import fisher_kernels.api as api
+            from fisher_kernels.sharded import whole
+
+            before = {name: whole(p).clone() for name, p in model.named_parameters()}
+            requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+
+            def injected(*args, **kwargs):
+                raise RuntimeError("injected fault")
+
+            api.average_gradients_over_ranks = injected
+            try:
+                init_lora(model, pad_batches(samples, 2)[rank::2], r=3, progress=False)
+                outcome = "no error"
+            except RuntimeError as err:
+                after = {name: whole(p) for name, p in model.named_parameters()}
+                outcome = {"error": str(err), "names": before.keys() == after.keys(),
+                           "weights": all(torch.allclose(after[n], before[n], atol=1e-6) for n in before),
+                           "requires_grad": requires_grad == {n: p.requires_grad for n, p in model.named_parameters()},
+                           "unwrapped": not any("lora" in name for name, _ in model.named_modules())}
+            torch.save(outcome, os.path.join(out_dir, f"{case}{rank}.pt"))
+            return
+        if case == "uneven":  # 3 batches of 2 sequences (2 micro-batches each) against 2 batches of 1
+            shard = pad_batches(samples[:6], 2) if rank == 0 else pad_batches(samples[6:], 1)
+        elif case == "empty":
+            shard = pad_batches(samples, 2) if rank == 0 else []
+        else:
+            def failing():
+                yield pad_batches(samples[6:], 1)[0]
+                raise OSError("read error on shard 1")
+            shard = pad_batches(samples[:6], 2) if rank == 0 else failing()
+        try:
+            peft_model = init_lora(model, shard, r=3, progress=False, micro_batch_size=1)
+            from fisher_kernels.sharded import whole
+            outcome = {name: whole(m.weight) for name, m in peft_model.named_modules()
+                       if name.endswith("lora_A.default")}
+        except Exception as err:
+            outcome = f"{type(err).__name__}: {err}"
+        torch.save(outcome, os.path.join(out_dir, f"{case}{rank}.pt"))
+
+
+def test_fsdp2_ranks_with_unequal_batches_stay_in_step(tmp_path):
+    """FSDP gathers weights in every forward and backward, so every rank must run each one: ranks
+    with fewer batches or micro-batches repeat one with the hooks paused, and the statistics equal
+    one process over the union of the shards."""
+    from fisher_kernels import init_lora
+    from tiny_models import make_model, make_samples, pad_batches
+
+    mp.spawn(_fsdp_uneven_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), "uneven"), nprocs=2, join=True)
+    samples = make_samples("llama", n=8)
+    single = init_lora(make_model("llama"), pad_batches(samples[:6], 2) + pad_batches(samples[6:], 1), r=3,
+                       progress=False, micro_batch_size=1)
+    expected = {name: m.weight.detach() for name, m in single.named_modules() if name.endswith("lora_A.default")}
     for rank in range(2):
-        message = torch.load(tmp_path / f"fsdp{rank}.pt")
-        assert "is sharded (a DTensor: FSDP2" in message and "init_lora before fully_shard" in message, message
+        got = torch.load(tmp_path / f"uneven{rank}.pt")
+        assert isinstance(got, dict), got
+        assert got.keys() == expected.keys()
+        for name, A in expected.items():
+            sign = torch.where((got[name] * A).sum(1) < 0, -1.0, 1.0)[:, None]
+            assert torch.allclose(got[name] * sign, A, atol=1e-4 * A.abs().max().item()), name
+
+
+@pytest.mark.parametrize("case", ["empty", "failing", "refused", "fault"])
+def test_fsdp2_faults_and_refusals(tmp_path, case):
+    """A rank without data, or failing during the pass, makes every rank raise; a failure after the
+    residual was written leaves the sharded model as it was; other shardings are refused."""
+    mp.spawn(_fsdp_uneven_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), case), nprocs=2, join=True)
+    messages = [torch.load(tmp_path / f"{case}{rank}.pt") for rank in range(2)]
+    if case == "fault":
+        for outcome in messages:
+            assert outcome == {"error": "injected fault", "names": True, "weights": True, "requires_grad": True,
+                               "unwrapped": True}, outcome
+    elif case == "refused":
+        for tensor_parallel, hsdp in messages:
+            assert "'model.layers.0.mlp.down_proj.weight' is a DTensor outside FSDP2" in tensor_parallel, tensor_parallel
+            assert "over a 2-D mesh" in hsdp and "not HSDP" in hsdp, hsdp
+    elif case == "empty":
+        for message in messages:
+            assert "rank 1 has no calibration batch" in message and "FSDP" in message, message
+    else:
+        assert "OSError" in messages[1] and "read error on shard 1" in messages[1], messages[1]
+        assert "rank 1 failed during the calibration pass" in messages[0] and "read error" in messages[0], messages[0]

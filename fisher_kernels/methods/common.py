@@ -201,6 +201,7 @@ class InitMethod:
     holds_layer_inputs: bool = False  # its statistics need each layer's input until the backward pass (∇W)
     shares_input_factor: bool = False  # layers that read the same input share one input factor
     splittable: bool = True  # under torch.distributed, ranks may initialise different layers
+    prepares: bool = False  # prepare() uses the weight (a sharded model's is gathered for it only then)
 
     def __init__(self, r: int, scale: float):
         self.r, self.scale = r, scale

@@ -84,6 +84,7 @@ class FILet(InitMethod):
         if magnitude not in ("singular", "uniform"):
             raise ValueError(f"magnitude must be 'singular' or 'uniform', got {magnitude!r}")
         self.energy, self.route, self.candidates, self.svd_driver = energy, route, candidates, svd_driver
+        self.prepares = route == "projected"
         self.magnitude = magnitude
         self._exact_on_host: dict[str, torch.Tensor] = {}  # full-precision vectors of compact bases (GPU models)
 

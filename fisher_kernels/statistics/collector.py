@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..layers import layer_dims, row_blocks, weight_matrix
+from ..sharded import called_module, release_after_pass, sharding_of
 from ..ops import cublas, get_ops
 from .batches import (IGNORE_INDEX, LOSS_WEIGHTINGS, as_batches, counted_labels, is_causal_lm, prepare_batch,
                       sampled_label_loss, split_batch, summed_model_loss)
@@ -153,12 +154,15 @@ class _StatisticsHooks:
         self._inputs_this_batch: dict[int, tuple[torch.Tensor, str]] = {}
         self._counted_rows: dict[int, int] = {}
         self.paused = False  # a forward that must not count (the model's own loss check)
+        self.repeating = False  # a lockstep rank's repeated micro-batch: not counted, same autograd graph
+        self.sharded = sharding_of(model, inside_fsdp=True) is not None
 
     def register(self, guard: PreservedModelState) -> None:
         for layer in self.layers.values():
             if layer.singular_side == "input" and not layer.request.input_factor:
                 guard.add_hook(layer.module.register_forward_pre_hook(self._input_tap(layer)))
-            guard.add_hook(layer.module.register_forward_hook(self._forward_hook(layer)))
+            # prepended: before a sharded model's own post-forward hook frees the gathered weight (ZeRO-3)
+            guard.add_hook(layer.module.register_forward_hook(self._forward_hook(layer), prepend=self.sharded))
 
     def _input_tap(self, layer: _LayerAccumulator):
         """A forward pre-hook that routes the layer's input through :class:`_InputGradientTap`, so
@@ -166,7 +170,7 @@ class _StatisticsHooks:
         without a gradient (the first layers of a frozen model) are left alone; the gradient hook
         then computes ``Wᵀ g`` itself."""
         def hook(module, args):
-            if self.paused or not args or not torch.is_grad_enabled() or not args[0].requires_grad:
+            if self.paused or self.repeating or not args or not torch.is_grad_enabled() or not args[0].requires_grad:
                 return None
             mask, _ = self._row_mask(layer, args[0])
 
@@ -237,6 +241,10 @@ class _StatisticsHooks:
     def _forward_hook(self, layer: _LayerAccumulator):
         def hook(module, args, output):
             if self.paused:
+                return
+            if self.repeating:  # the backward must run through the same blocks (FSDP gathers in each)
+                if layer.request.needs_output_gradient and not output.requires_grad:
+                    output.requires_grad_(True)
                 return
             layer.calls += 1
             x = args[0].detach()
@@ -493,13 +501,15 @@ def collect_statistics(
         distributed = _distributed() if distributed is None else bool(distributed) and _distributed()
         try:
             first_batch = _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn, fisher,
-                                    generator, micro_batch_size, loss_weighting, needs_gradients)
+                                    generator, micro_batch_size, loss_weighting, needs_gradients,
+                                    lockstep=_Lockstep() if distributed and hooks.sharded else None)
         except BaseException as err:
             if distributed:  # the other ranks are told before this rank raises, so none of them waits forever
                 _exchange_pass_status(hooks, f"{type(err).__name__}: {err}", 0)
             raise
         finally:
             bar.close()
+            release_after_pass(model)
         if distributed:
             _exchange_pass_status(hooks, None, first_batch)
             stats.num_batches, stats.num_sequences, stats.loss_units = hooks.all_reduce(
@@ -532,53 +542,130 @@ def batch_fingerprint(prepared) -> int:
 
 
 def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn, fisher, generator,
-              micro_batch_size, loss_weighting, needs_gradients) -> int:
+              micro_batch_size, loss_weighting, needs_gradients, lockstep: "_Lockstep | None" = None) -> int:
     """The calibration loop: every batch's forward and backward, the hooks accumulating. Sets
     ``stats.data_fingerprint`` (this rank's batches, in order) and returns the fingerprint of this
-    rank's first batch (0: none)."""
+    rank's first batch (0: none). ``lockstep`` (a sharded model): every rank runs the same number
+    of forwards and backwards, see :class:`_Lockstep`."""
     causal, encoder_decoder = prepare_options["causal"], prepare_options["encoder_decoder"]
     first_batch = 0
     data = hashlib.sha256()
+    last_part = None  # a lockstep rank whose batches ran out repeats it with the hooks paused
     for index in itertools.count():
+        prepared, parts, error = None, [], None
         try:
             batch = next(batch_iter, _END)
-            if batch is _END:
-                break
-            prepared = prepare_batch(batch, index, device, **prepare_options)
-            if encoder_decoder:
-                _add_decoder_inputs(model, prepared)
-            fingerprint = batch_fingerprint(prepared)
-            data.update(fingerprint.to_bytes(8, "little"))
-            if index == 0:
-                first_batch = fingerprint
-            parts = split_batch(prepared, micro_batch_size)
-            batch_total = None
-            if len(parts) > 1 and loss_weighting == "batch" and loss_fn is None:
-                batch_total = counted_labels(prepared, causal=causal, sampled=fisher == "true")
-                stats.loss_units += int(batch_total > 0)
-            for part_index, part in enumerate(parts):
+            if batch is not _END:
+                prepared = prepare_batch(batch, index, device, **prepare_options)
+                if encoder_decoder:
+                    _add_decoder_inputs(model, prepared)
+                fingerprint = batch_fingerprint(prepared)
+                data.update(fingerprint.to_bytes(8, "little"))
+                if index == 0:
+                    first_batch = fingerprint
+                parts = split_batch(prepared, micro_batch_size)
+                last_part = parts[-1] if parts else last_part
+        except Exception as err:
+            error = _located(err, index, lockstep)
+        if lockstep is not None:
+            steps = lockstep.agree_on_batch(index, len(parts), error, last_part is not None)
+        elif prepared is None:
+            break
+        else:
+            steps = len(parts)
+        if steps == 0:
+            break
+        batch_total = None
+        if len(parts) > 1 and loss_weighting == "batch" and loss_fn is None:
+            batch_total = counted_labels(prepared, causal=causal, sampled=fisher == "true")
+            stats.loss_units += int(batch_total > 0)
+        for part_index in range(steps):
+            counted = part_index < len(parts)  # else a lockstep rank's repeat, which must not count
+            part = parts[part_index] if counted else last_part
+            loss, units, error, backward = None, 0, None, False
+            try:
                 hooks.start_batch(part.token_mask, index, part.decoder_token_mask)
+                hooks.repeating = not counted
                 loss, units = _summed_loss(model, part, loss_fn, fisher, generator, causal,
-                                           index == 0 and part_index == 0, loss_weighting, batch_total, hooks)
+                                           index == 0 and part_index == 0 and counted, loss_weighting, batch_total,
+                                           hooks)
                 if not torch.isfinite(loss):
                     raise ValueError(f"batch {index}: the loss is not finite ({loss.item()})")
-                if needs_gradients and (units > 0 or batch_total):
-                    if not loss.requires_grad:
-                        raise ValueError(f"batch {index}: the loss does not depend on the model's outputs through "
-                                         "autograd (computed under no_grad, or detached), so it has no gradient")
-                    loss.backward()
+                backward = needs_gradients and (units > 0 or batch_total or lockstep is not None)
+                if backward and not loss.requires_grad:
+                    raise ValueError(f"batch {index}: the loss does not depend on the model's outputs through "
+                                     "autograd (computed under no_grad, or detached), so it has no gradient")
+            except Exception as err:
+                error = _located(err, index, lockstep)
+            finally:
+                hooks.repeating = False
+            if lockstep is not None:
+                lockstep.agree_on_forward(index, error)
+            if backward:
+                (loss if counted else loss * 0).backward()  # a repeat's forward registered no gradient hook
+            if counted:
                 stats.loss_units += units
-                del loss
-        except Exception as err:
-            located = _with_batch_index(err, index)
-            if located is err:
-                raise
-            raise located from err
+            del loss
         hooks.start_batch(None, index + 1)  # drop this batch's references
-        stats.num_batches += 1
-        stats.num_sequences += prepared.num_sequences
+        if prepared is not None:
+            stats.num_batches += 1
+            stats.num_sequences += prepared.num_sequences
     stats.data_fingerprint = data.hexdigest()
     return first_batch
+
+
+def _located(err: Exception, index: int, lockstep) -> Exception:
+    """``err`` saying which batch raised it: raised at once, or returned for a lockstep exchange."""
+    located = _with_batch_index(err, index)
+    if located is not err:
+        located.__cause__ = err
+    if lockstep is None:
+        raise located
+    return located
+
+
+class _Lockstep:
+    """Keeps the ranks of a sharded (FSDP2) model in step during the calibration pass: FSDP gathers
+    each block's weights in every forward and backward, collectives that every rank must join.
+    Before each batch the ranks agree on how many forwards it takes (the most micro-batches any
+    rank has); a rank with fewer, or whose data has run out, repeats its last micro-batch with the
+    hooks counting nothing and its loss times zero, so nothing is counted twice. After each forward the
+    ranks exchange errors before any backward, so that a failing rank makes every rank raise
+    instead of leaving the others waiting in a gather."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+
+    def _exchange(self, status):
+        statuses = [None] * self.dist.get_world_size()
+        self.dist.all_gather_object(statuses, status)
+        return statuses
+
+    def _raise_first(self, statuses, error) -> None:
+        if error is not None:
+            raise error
+        failed = [(rank, status[0]) for rank, status in enumerate(statuses) if status[0] is not None]
+        if failed:
+            rank, message = failed[0]
+            raise RuntimeError(f"rank {rank} failed during the calibration pass, so this rank stops too: {message}")
+
+    def agree_on_batch(self, index: int, parts: int, error: Exception | None, can_repeat: bool) -> int:
+        """The number of forwards of batch ``index`` on every rank (0: every rank's data has ended)."""
+        statuses = self._exchange((None if error is None else f"{type(error).__name__}: {error}", parts, can_repeat))
+        self._raise_first(statuses, error)
+        steps = max(status[1] for status in statuses)
+        empty = [rank for rank, status in enumerate(statuses) if not status[2]]
+        if steps and empty:
+            raise ValueError(f"rank {empty[0]} has no calibration batch while others have {steps} micro-batch(es) "
+                             f"in batch {index}: with a sharded (FSDP) model every rank runs each forward, so each "
+                             "rank needs at least one batch of its own")
+        return steps
+
+    def agree_on_forward(self, index: int, error: Exception | None) -> None:
+        statuses = self._exchange((None if error is None else f"{type(error).__name__}: {error}",))
+        self._raise_first(statuses, error)
 
 
 def _exchange_pass_status(hooks, error: str | None, first_batch: int) -> None:
@@ -651,7 +738,7 @@ def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check, wei
     labels = prepared.targets
     if check and loss_fn is None and fisher == "empirical":
         _check_model_loss(model, prepared, causal, hooks)
-    outputs = model(*prepared.args, **prepared.kwargs)
+    outputs = called_module(model)(*prepared.args, **prepared.kwargs)
     if fisher == "true":
         return sampled_label_loss(outputs, prepared.output_token_mask, generator, weighting, batch_total)
     if loss_fn is not None:
@@ -675,7 +762,7 @@ def _check_model_loss(model, prepared, causal: bool, hooks=None) -> None:
     if hooks is not None:
         hooks.paused = True
     try:
-        outputs = model(*one.args, **one.kwargs, labels=one.targets)
+        outputs = called_module(model)(*one.args, **one.kwargs, labels=one.targets)
     finally:
         if hooks is not None:
             hooks.paused = False

@@ -189,13 +189,27 @@ def model_fingerprint(model: nn.Module, layer_names: list[str]) -> str:
     and shapes, and the exact values of every parameter and buffer of the model (targets and the
     rest: embeddings, norms and heads shape the statistics too), hashed in full by
     :func:`tensor_hash` on their own device."""
+    from ..sharded import is_partitioned, is_sharded, local_part
+
     digest = hashlib.sha256(type(model).__name__.encode())
     for name in layer_names:
         weight = model.get_submodule(name).weight
         digest.update(f"target {name}:{tuple(weight.shape)}:{weight.dtype}".encode())
+    shard_hashes, group = [], None
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
         if tensor.device.type == "meta":
             digest.update(f"{name}:meta".encode())
             continue
+        if is_sharded(tensor) or is_partitioned(tensor):  # each rank hashes its part; every rank's hashes count
+            shard_hashes.append(tensor_hash(local_part(tensor)))
+            group = tensor.device_mesh.get_group() if is_sharded(tensor) else None
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:sharded".encode())
+            continue
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{tensor_hash(tensor)}".encode())
+    if shard_hashes:
+        import torch.distributed as dist
+
+        every_rank = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every_rank, shard_hashes, group=group)
+        digest.update(repr(every_rank).encode())
     return digest.hexdigest()
