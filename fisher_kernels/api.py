@@ -100,7 +100,7 @@ _EXISTING_ADAPTER = contextvars.ContextVar("fisher_kernels_existing_adapter", de
 
 
 def _check_model(model) -> str | None:
-    """Checks ``model``; returns its sharding (``"fsdp2"`` or ``None``, see :mod:`fisher_kernels.sharded`)."""
+    """Checks ``model``; returns its sharding (``"fsdp2"``, ``"zero3"`` or ``None``, see :mod:`fisher_kernels.sharded`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     sharding = sharding_of(model, inside_fsdp=_EXISTING_ADAPTER.get())

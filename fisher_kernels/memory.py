@@ -69,7 +69,7 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
     """
     from .layers import layer_dims, resolve_target_modules
     from .methods import METHODS, InitMethod, lora_scale
-    from .peft_wiring import UPDATE_ROWS
+    from .peft_wiring import update_rows
 
     if isinstance(method, InitMethod):
         init_method = method
@@ -94,7 +94,8 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
         statistics += init_method.held_bytes(d_out, d_in, dtype) - basis
         if name in shares_input and init_method.shares_input_factor:
             statistics -= 4 * d_in * d_in  # one input factor for the layers that read the same input
-        update = 4 * min(d_out, UPDATE_ROWS) * d_in if dtype.itemsize < 4 else 0  # fp32 rows of the in-place base update
+        rows = update_rows(d_in, module.weight.device)
+        update = 4 * min(d_out, rows) * d_in if dtype.itemsize < 4 else 0  # fp32 rows of the in-place base update
         temporaries = max(temporaries, init_method.temporary_bytes(d_out, d_in, dtype), update)
     stages = {"model": model_bytes, "activations": activations, "statistics": statistics, "bases": bases,
               "temporaries": temporaries, "runtime": RUNTIME_BYTES}

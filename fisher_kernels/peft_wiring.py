@@ -169,13 +169,22 @@ def _base_layer(model: nn.Module, name: str) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
-UPDATE_ROWS = 1024
+# entries of a bf16/fp16 weight widened to fp32 at a time: a 2 MiB temporary on the CPU; on a GPU
+# 32 MiB, so that a layer takes a few large GEMMs rather than many small launches
+UPDATE_ENTRIES = 1 << 19
+UPDATE_ENTRIES_CUDA = 1 << 23
+
+
+def update_rows(d_in: int, device=None) -> int:
+    """Rows of a ``(d_out, d_in)`` weight on ``device`` updated through one fp32 temporary."""
+    entries = UPDATE_ENTRIES_CUDA if torch.device(device or "cpu").type == "cuda" else UPDATE_ENTRIES
+    return max(1, entries // d_in)
 
 
 @torch.no_grad()
 def add_low_rank_(module: nn.Module, P: torch.Tensor, Q: torch.Tensor, alpha: float) -> None:
     """``W += alpha · P Q`` in place for a layer's weight ``W (d_out, d_in)``: directly for fp32/fp64
-    weights, through fp32 temporaries of ``UPDATE_ROWS`` rows for narrower dtypes (the same
+    weights, through one fp32 temporary of ``UPDATE_ENTRIES`` entries for narrower dtypes (the same
     numbers as one fp32 temporary of the whole layer). A sharded (FSDP2) weight: this rank's rows;
     a partitioned (ZeRO-3) one: gathered, changed on rank 0 and re-partitioned."""
     if is_sharded(module.weight):
@@ -193,8 +202,8 @@ def _add_low_rank_to_(W: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, alpha: 
         W.addmm_(P.to(W.dtype), Q.to(W.dtype), alpha=alpha)
         return
     P, Q = P.float(), Q.float()
-    for rows in row_blocks(W.shape[0], UPDATE_ROWS):  # fp32 temporaries of UPDATE_ROWS rows at a time
-        W[rows] = torch.addmm(W[rows].float(), P[rows], Q, alpha=alpha)
+    for rows in row_blocks(W.shape[0], update_rows(W.shape[1], W.device)):  # one fp32 block of rows at a time
+        W[rows] = W[rows].float().addmm_(P[rows], Q, alpha=alpha)
 
 
 @torch.no_grad()

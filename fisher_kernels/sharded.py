@@ -191,14 +191,27 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to_local() if is_sharded(tensor) else tensor.detach()
 
 
+_CHECK_CHUNK = 1 << 20  # entries checked at a time: temporaries of a few MiB, not a weight-sized fp32 copy
+
+
+def _nonfinite_entries(tensor: torch.Tensor) -> int:
+    """NaN/Inf entries of ``tensor``, checked in chunks of ``_CHECK_CHUNK`` entries (``isfinite``
+    of a bf16 tensor widens it) with one host sync when all are finite."""
+    flat = tensor.reshape(-1)
+    chunks = [flat[start:start + _CHECK_CHUNK] for start in range(0, flat.numel(), _CHECK_CHUNK)]
+    if not chunks or bool(torch.stack([torch.isfinite(c).all() for c in chunks]).all()):
+        return 0
+    return sum(int((~torch.isfinite(c)).sum()) for c in chunks)
+
+
 def count_nonfinite(model: nn.Module, names: list[str]) -> dict[str, int]:
     """NaN/Inf entries of each layer's whole weight: counted in each rank's shard, summed over
     the ranks in one collective."""
     import torch.distributed as dist
 
     weights = [model.get_submodule(n).weight for n in names]
-    local = [local_part(w) for w in weights]
-    counts = torch.stack([(~torch.isfinite(w)).sum() for w in local]).to(torch.int64)
+    counts = torch.tensor([_nonfinite_entries(local_part(w)) for w in weights], dtype=torch.int64,
+                          device=weights[0].device if weights else "cpu")
     if any(is_sharded(w) for w in weights):
         dist.all_reduce(counts, group=next(w.device_mesh.get_group() for w in weights if is_sharded(w)))
     elif any(is_partitioned(w) for w in weights):

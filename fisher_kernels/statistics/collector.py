@@ -550,7 +550,7 @@ def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn,
     causal, encoder_decoder = prepare_options["causal"], prepare_options["encoder_decoder"]
     first_batch = 0
     data = hashlib.sha256()
-    last_part = None  # a lockstep rank whose batches ran out repeats it with the hooks paused
+    last_part = None  # a lockstep rank with fewer micro-batches repeats it, counting nothing
     for index in itertools.count():
         prepared, parts, error = None, [], None
         try:
@@ -566,7 +566,9 @@ def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn,
                 parts = split_batch(prepared, micro_batch_size)
                 last_part = parts[-1] if parts else last_part
         except Exception as err:
-            error = _located(err, index, lockstep)
+            error = _located(err, index)
+            if lockstep is None:
+                raise error
         if lockstep is not None:
             steps = lockstep.agree_on_batch(index, len(parts), error, last_part is not None)
         elif prepared is None:
@@ -596,13 +598,18 @@ def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn,
                     raise ValueError(f"batch {index}: the loss does not depend on the model's outputs through "
                                      "autograd (computed under no_grad, or detached), so it has no gradient")
             except Exception as err:
-                error = _located(err, index, lockstep)
+                error = _located(err, index)
+                if lockstep is None:
+                    raise error
             finally:
                 hooks.repeating = False
             if lockstep is not None:
                 lockstep.agree_on_forward(index, error)
             if backward:
-                (loss if counted else loss * 0).backward()  # a repeat's forward registered no gradient hook
+                try:
+                    (loss if counted else loss * 0).backward()  # a repeat's forward registered no gradient hook
+                except Exception as err:
+                    raise _located(err, index)
             if counted:
                 stats.loss_units += units
             del loss
@@ -614,19 +621,17 @@ def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn,
     return first_batch
 
 
-def _located(err: Exception, index: int, lockstep) -> Exception:
-    """``err`` saying which batch raised it: raised at once, or returned for a lockstep exchange."""
+def _located(err: Exception, index: int) -> Exception:
+    """``err`` saying which batch raised it (caused by ``err`` when it is a new exception)."""
     located = _with_batch_index(err, index)
     if located is not err:
         located.__cause__ = err
-    if lockstep is None:
-        raise located
     return located
 
 
 class _Lockstep:
-    """Keeps the ranks of a sharded (FSDP2) model in step during the calibration pass: FSDP gathers
-    each block's weights in every forward and backward, collectives that every rank must join.
+    """Keeps the ranks of a sharded model in step during the calibration pass: FSDP2 and ZeRO-3
+    gather the weights in every forward and backward, collectives that every rank must join.
     Before each batch the ranks agree on how many forwards it takes (the most micro-batches any
     rank has); a rank with fewer, or whose data has run out, repeats its last micro-batch with the
     hooks counting nothing and its loss times zero, so nothing is counted twice. After each forward the
@@ -659,7 +664,7 @@ class _Lockstep:
         empty = [rank for rank, status in enumerate(statuses) if not status[2]]
         if steps and empty:
             raise ValueError(f"rank {empty[0]} has no calibration batch while others have {steps} micro-batch(es) "
-                             f"in batch {index}: with a sharded (FSDP) model every rank runs each forward, so each "
+                             f"in batch {index}: with a sharded (FSDP / ZeRO-3) model every rank runs each forward, so each "
                              "rank needs at least one batch of its own")
         return steps
 
