@@ -87,7 +87,8 @@ def release_after_pass(model: nn.Module) -> None:
 
 
 def sharding_of(model: nn.Module, inside_fsdp: bool = False) -> str | None:
-    """``"fsdp2"`` when the model's parameters are FSDP2 shards, ``None`` when none is sharded;
+    """``"fsdp2"`` when the model's parameters are FSDP2 shards, ``"zero3"`` when they are DeepSpeed
+    ZeRO-3 partitions, ``None`` when none is sharded;
     raises ``TypeError`` naming the parameter for shardings that are not supported.
     ``inside_fsdp``: ``model`` is part of a model already checked (e.g. a sharded ``PeftModel``'s
     base model, whose FSDP root lies above it)."""
