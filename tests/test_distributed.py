@@ -319,6 +319,25 @@ def _fsdp_uneven_rank_main(rank, world_size, init_file, out_dir, case):
             torch.save(messages, os.path.join(out_dir, f"{case}{rank}.pt"))
             return
         model = _sharded(make_model("llama"))
+        if case in ("forward_hook", "backward_hook"):  # a statistics kernel fails on rank 1 only
+            from fisher_kernels.ops import get_ops
+
+            ops = get_ops("torch")
+            original = ops.masked_projected_energy_
+
+            def failing(*args):
+                if rank == 1 and torch.is_grad_enabled() == (case == "forward_hook"):  # backward: grad mode off
+                    raise RuntimeError(f"kernel fault in the {case}")
+                return original(*args)
+
+            ops.masked_projected_energy_ = failing
+            try:
+                init_lora(model, pad_batches(samples, 2)[rank::2], r=3, progress=False, backend="torch")
+                outcome = "no error"
+            except RuntimeError as err:
+                outcome = str(err)
+            torch.save(outcome, os.path.join(out_dir, f"{case}{rank}.pt"))
+            return
         if case == "fault":  # the last stage fails after the residual went into the shards: all is put back
             import fisher_kernels.api as api
             from fisher_kernels.sharded import whole
@@ -381,13 +400,17 @@ def test_fsdp2_ranks_with_unequal_batches_stay_in_step(tmp_path):
             assert torch.allclose(got[name] * sign, A, atol=1e-4 * A.abs().max().item()), name
 
 
-@pytest.mark.parametrize("case", ["empty", "failing", "refused", "fault"])
+@pytest.mark.parametrize("case", ["empty", "failing", "refused", "fault", "forward_hook", "backward_hook"])
 def test_fsdp2_faults_and_refusals(tmp_path, case):
-    """A rank without data, or failing during the pass, makes every rank raise; a failure after the
-    residual was written leaves the sharded model as it was; other shardings are refused."""
+    """A rank without data, or failing during the pass (its loader, or a hook inside a forward or a
+    backward), makes every rank raise; a failure after the residual was written leaves the sharded
+    model as it was; other shardings are refused."""
     mp.spawn(_fsdp_uneven_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), case), nprocs=2, join=True)
     messages = [torch.load(tmp_path / f"{case}{rank}.pt") for rank in range(2)]
-    if case == "fault":
+    if case.endswith("_hook"):  # raised inside a forward / backward: kept until the ranks exchange errors
+        assert f"kernel fault in the {case}" in messages[1], messages[1]
+        assert "rank 1 failed" in messages[0] and f"kernel fault in the {case}" in messages[0], messages[0]
+    elif case == "fault":
         for outcome in messages:
             assert outcome == {"error": "injected fault", "names": True, "weights": True, "requires_grad": True,
                                "unwrapped": True}, outcome

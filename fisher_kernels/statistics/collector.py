@@ -156,13 +156,38 @@ class _StatisticsHooks:
         self.paused = False  # a forward that must not count (the model's own loss check)
         self.repeating = False  # a lockstep rank's repeated micro-batch: not counted, same autograd graph
         self.sharded = sharding_of(model, inside_fsdp=True) is not None
+        self.defer_errors = False  # set for a lockstep pass, see _guarded
+        self.deferred: Exception | None = None
 
     def register(self, guard: PreservedModelState) -> None:
         for layer in self.layers.values():
             if layer.singular_side == "input" and not layer.request.input_factor:
-                guard.add_hook(layer.module.register_forward_pre_hook(self._input_tap(layer)))
+                guard.add_hook(layer.module.register_forward_pre_hook(self._guarded(self._input_tap(layer))))
             # prepended: before a sharded model's own post-forward hook frees the gathered weight (ZeRO-3)
-            guard.add_hook(layer.module.register_forward_hook(self._forward_hook(layer), prepend=self.sharded))
+            guard.add_hook(layer.module.register_forward_hook(self._guarded(self._forward_hook(layer)),
+                                                              prepend=self.sharded))
+
+    def _guarded(self, hook):
+        """``hook``, whose error is kept for the lockstep's next exchange when ``defer_errors`` is
+        set (a sharded model: raising inside a forward or backward would leave the other ranks
+        waiting in a gather), else raised at once. After an error the hooks do nothing until it
+        has been taken."""
+        def run(*args):
+            if self.deferred is not None:
+                return None
+            try:
+                return hook(*args)
+            except Exception as err:
+                if not self.defer_errors:
+                    raise
+                self.deferred = err
+                return None
+
+        return run
+
+    def take_deferred(self) -> Exception | None:
+        error, self.deferred = self.deferred, None
+        return error
 
     def _input_tap(self, layer: _LayerAccumulator):
         """A forward pre-hook that routes the layer's input through :class:`_InputGradientTap`, so
@@ -174,6 +199,7 @@ class _StatisticsHooks:
                 return None
             mask, _ = self._row_mask(layer, args[0])
 
+            @self._guarded
             def receive(grad):
                 self.ops.masked_projected_energy_(layer.output_projected_energy, grad.reshape(-1, layer.d_in),
                                                   layer.input_basis, mask)
@@ -262,7 +288,8 @@ class _StatisticsHooks:
             if req.needs_output_gradient:
                 if not output.requires_grad:
                     output.requires_grad_(True)
-                output.register_hook(self._gradient_hook(layer, rows if req.gradient else None, mask, _tapped(args[0])))
+                output.register_hook(self._guarded(self._gradient_hook(layer, rows if req.gradient else None, mask,
+                                                                       _tapped(args[0]))))
 
         return hook
 
@@ -502,7 +529,7 @@ def collect_statistics(
         try:
             first_batch = _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn, fisher,
                                     generator, micro_batch_size, loss_weighting, needs_gradients,
-                                    lockstep=_Lockstep() if distributed and hooks.sharded else None)
+                                    lockstep=_Lockstep(hooks) if distributed and hooks.sharded else None)
         except BaseException as err:
             if distributed:  # the other ranks are told before this rank raises, so none of them waits forever
                 _exchange_pass_status(hooks, f"{type(err).__name__}: {err}", 0)
@@ -591,6 +618,8 @@ def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn,
                 loss, units = _summed_loss(model, part, loss_fn, fisher, generator, causal,
                                            index == 0 and part_index == 0 and counted, loss_weighting, batch_total,
                                            hooks)
+                if hooks.deferred is not None:  # a hook failed during this forward
+                    raise hooks.take_deferred()
                 if not torch.isfinite(loss):
                     raise ValueError(f"batch {index}: the loss is not finite ({loss.item()})")
                 backward = needs_gradients and (units > 0 or batch_total or lockstep is not None)
@@ -604,12 +633,15 @@ def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn,
             finally:
                 hooks.repeating = False
             if lockstep is not None:
-                lockstep.agree_on_forward(index, error)
+                lockstep.agree(index, error)
             if backward:
                 try:
                     (loss if counted else loss * 0).backward()  # a repeat's forward registered no gradient hook
                 except Exception as err:
                     raise _located(err, index)
+                if lockstep is not None:  # a gradient hook's error, kept until the backward had finished
+                    error = hooks.take_deferred()
+                    lockstep.agree(index, None if error is None else _located(error, index))
             if counted:
                 stats.loss_units += units
             del loss
@@ -634,14 +666,17 @@ class _Lockstep:
     gather the weights in every forward and backward, collectives that every rank must join.
     Before each batch the ranks agree on how many forwards it takes (the most micro-batches any
     rank has); a rank with fewer, or whose data has run out, repeats its last micro-batch with the
-    hooks counting nothing and its loss times zero, so nothing is counted twice. After each forward the
-    ranks exchange errors before any backward, so that a failing rank makes every rank raise
-    instead of leaving the others waiting in a gather."""
+    hooks counting nothing and its loss times zero, so nothing is counted twice. After each forward,
+    and after each backward, the ranks exchange errors (the hooks keep theirs until then instead of
+    raising mid-pass), so that a failing rank makes every rank raise instead of leaving the others
+    waiting in a gather. An error raised by the model's own code inside a forward or backward still
+    ends in the process group's timeout."""
 
-    def __init__(self):
+    def __init__(self, hooks: "_StatisticsHooks"):
         import torch.distributed as dist
 
         self.dist = dist
+        hooks.defer_errors = True
 
     def _exchange(self, status):
         statuses = [None] * self.dist.get_world_size()
@@ -668,7 +703,8 @@ class _Lockstep:
                              "rank needs at least one batch of its own")
         return steps
 
-    def agree_on_forward(self, index: int, error: Exception | None) -> None:
+    def agree(self, index: int, error: Exception | None) -> None:
+        """Every rank raises if one had an error (after a forward, and after a backward)."""
         statuses = self._exchange((None if error is None else f"{type(error).__name__}: {error}",))
         self._raise_first(statuses, error)
 
