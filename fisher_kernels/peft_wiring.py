@@ -185,8 +185,8 @@ def update_rows(d_in: int, device=None) -> int:
 def add_low_rank_(module: nn.Module, P: torch.Tensor, Q: torch.Tensor, alpha: float) -> None:
     """``W += alpha · P Q`` in place for a layer's weight ``W (d_out, d_in)``: directly for fp32/fp64
     weights, through one fp32 temporary of ``UPDATE_ENTRIES`` entries (``UPDATE_ENTRIES_CUDA`` on a
-    GPU) for narrower dtypes (the same
-    numbers as one fp32 temporary of the whole layer). A sharded (FSDP2) weight: this rank's rows;
+    GPU) for narrower dtypes (the same numbers as one fp32 temporary of the whole layer). A sharded
+    (FSDP2) weight: this rank's rows;
     a partitioned (ZeRO-3) one: gathered, changed on rank 0 and re-partitioned."""
     if is_sharded(module.weight):
         _add_low_rank_to_(*local_update_factors(module, P, Q), alpha)
