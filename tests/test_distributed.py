@@ -24,9 +24,22 @@ def process_group(rank, world_size, init_file, timeout_s=None):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, **timeout)
     try:
         yield
-        dist.barrier()  # no rank leaves while another still receives what it sent
+        dist.barrier()
     finally:
+        _wait_for_every_rank(f"{init_file}.done", rank, world_size)
         dist.destroy_process_group()
+
+
+def _wait_for_every_rank(prefix: str, rank: int, world_size: int, timeout_s: float = 30.0) -> None:
+    """Close the process group only once every rank is done with it (through files, not gloo): a
+    rank that closes its sockets while another still reads from them resets the connection, and
+    gloo aborts the reader (SIGABRT, "terminate called without an active exception")."""
+    import time
+
+    open(f"{prefix}{rank}", "w").close()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not all(os.path.exists(f"{prefix}{r}") for r in range(world_size)):
+        time.sleep(0.05)
 
 
 def _rank_main(rank, world_size, init_file, out_dir):
