@@ -21,13 +21,11 @@ tensor-parallel ``DTensor``\\ s outside FSDP, and two-dimensional (HSDP) meshes.
 from __future__ import annotations
 
 import contextvars
+import functools
 from collections.abc import Mapping
 
 import torch
 from torch import nn
-
-from .layers import weight_matrix
-
 
 # The module a calibration pass calls instead of the model it measures: a sharded PeftModel's base
 # model is run through the PeftModel, FSDP's root, whose forward gathers the weights held at the root
@@ -40,6 +38,7 @@ def called_module(model: nn.Module) -> nn.Module:
     return CALLED_MODULE.get() or model
 
 
+@functools.cache
 def _dtensor_type():
     try:
         from torch.distributed.tensor import DTensor
@@ -133,8 +132,6 @@ def reshard(model: nn.Module) -> None:
 def full_weight(module: nn.Module) -> torch.Tensor:
     """The layer's whole weight as ``(d_out, d_in)``, gathered from the ranks' shards (a
     collective: every rank must call it for the same layers in the same order)."""
-    if not is_sharded(module.weight) and not is_partitioned(module.weight):
-        return weight_matrix(module).detach()
     full = whole(module.weight)
     return full if isinstance(module, nn.Linear) else full.T
 

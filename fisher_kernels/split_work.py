@@ -89,7 +89,7 @@ def compute_in_rounds(units: list[list[str]], gather, work, device) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for start in range(0, len(units), world):
-        owner = {name: index for index, unit in enumerate(units[start:start + world]) for name in unit}
+        owner = deal(units[start:start + world], world)  # start is a multiple of world: the same owners
         mine = {}
         for name in owner:
             weight = gather(name)
