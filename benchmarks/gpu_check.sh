@@ -5,12 +5,11 @@
 #   1. build the CUDA extension in place (nvcc);
 #   2. the kernel tests on CUDA: every backend and dtype against the reference, auto-selection,
 #      torch.library ops, the Triton statistics path;
-#   3. each kernel against gather + PyTorch (d 4096, 16k tokens, bf16; the projection also on a
-#      bf16 basis, as FILet stores it) and auto's choices;
+#   3. each kernel against gather + PyTorch (d 4096, 16k tokens, bf16) and auto's choices;
 #   4. one weight decomposition per driver and linear-algebra library, per Llama-1B weight shape;
-#   5. init_lora on a Llama-1B-shaped bf16 random model (256×512 tokens, r 32) against one
-#      forward+backward and PEFT's LoRA-GA and PiSSA, with the stage times of ours;
-#   6. FILet's init under torch.profiler (fewer samples: its tables take long to build);
+#   5. FILet's and LoRA-DA's init under torch.profiler (32 samples: the tables take long to build);
+#   6. init_lora on a Llama-1B-shaped bf16 random model (256×512 tokens, r 32), 3 repeats, against
+#      one forward+backward and PEFT's LoRA-GA and PiSSA, with the stage times of ours;
 #   7. measured CUDA peak of init_lora on a Llama-3-8B-shaped bf16 model (4 blocks) against
 #      estimate_memory.
 # Results (logs, JSON, markdown) land in ${RESULTS:-gpu_results}/.
@@ -52,20 +51,20 @@ run 70 tests python3 -m pytest -q -rfE $workers tests/test_ops.py tests/test_aut
 step "kernels vs gather + PyTorch (d = 4096, 16k tokens; cuda's Gram kernels on tensor cores for bf16)"
 run 50 kernels_bf16 python3 -m benchmarks.kernels --d 4096 --tokens 16384 --basis 1024 --dtype bfloat16 \
     --json "$RESULTS/kernels_bf16.json"
-run 30 kernels_bf16_basis python3 -m benchmarks.kernels --d 4096 --tokens 16384 --basis 2048 --dtype bfloat16 \
-    --basis-dtype bfloat16 --backends cublas,auto,torch --repeats 5 --json "$RESULTS/kernels_bf16_basis.json"
 
 step "one weight decomposition per driver and library (Llama-1B shapes, bf16 weights)"
 run 45 decomposition python3 -m benchmarks.decomposition_drivers --preset llama-1b --dtype bfloat16 --repeats 2 \
     --json "$RESULTS/decomposition.json"
 
-step "init_lora on a Llama-1B-shaped bf16 random model"
-run 190 init_time python3 -m benchmarks.init_time --preset llama-1b --device cuda --dtype bfloat16 \
-    --methods filet_projected,peft_lora_ga,gaussian,peft_pissa,lora_da --json "$RESULTS/init_time.json"
-
-step "where FILet's time goes: init_lora under torch.profiler (32 samples of the same model)"
-run 60 profile python3 -m benchmarks.profile_init --preset llama-1b --device cuda --dtype bfloat16 \
+step "where the time goes: FILet's and LoRA-DA's init_lora under torch.profiler (32 samples of the same model)"
+run 45 profile_filet python3 -m benchmarks.profile_init --preset llama-1b --device cuda --dtype bfloat16 \
     --method filet_projected --samples 32
+run 45 profile_lora_da python3 -m benchmarks.profile_init --preset llama-1b --device cuda --dtype bfloat16 \
+    --method lora_da --samples 32
+
+step "init_lora on a Llama-1B-shaped bf16 random model, 3 repeats"
+run 200 init_time python3 -m benchmarks.init_time --preset llama-1b --device cuda --dtype bfloat16 --repeats 3 \
+    --methods filet_projected,peft_lora_ga,lora_ga,gaussian,pissa,peft_pissa,lora_da --json "$RESULTS/init_time.json"
 
 step "CUDA peak of init_lora on a Llama-3-8B-shaped bf16 model (4 blocks) against estimate_memory"
 run 60 gpu_memory python3 -m benchmarks.gpu_memory --layers 4 --methods filet,lora_ga,lora_da \

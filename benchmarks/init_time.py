@@ -62,10 +62,14 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _fwd_bwd(model, batches, device):
+def _fwd_bwd(model, batches, device, frozen: bool = False):
+    """One training forward+backward over ``batches``; ``frozen``: parameters without gradients
+    (the input embeddings' output made to require one), what a calibration pass differentiates."""
     model = copy.deepcopy(model)
     for p in model.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(not frozen)
+    if frozen:
+        model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
     _sync(device)
     start = time.perf_counter()
     for batch in batches:
@@ -178,8 +182,8 @@ def _measure(name, preset, device, repeats):
         model = copy.deepcopy(base)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        if name == "fwd_bwd":
-            runs.append(_fwd_bwd(model, batches, device))
+        if name in ("fwd_bwd", "fwd_bwd_frozen"):
+            runs.append(_fwd_bwd(model, batches, device, frozen=name == "fwd_bwd_frozen"))
         elif name in OURS:
             runs.append(_run_ours(name, model, batches, preset))
         else:
@@ -285,13 +289,18 @@ def main(argv=None):
     fwd_bwd, error = run_method("fwd_bwd", preset, args.device, args.repeats, in_process)
     if error:
         raise RuntimeError(f"the forward+backward reference failed: {error}")
+    frozen, error = run_method("fwd_bwd_frozen", preset, args.device, args.repeats, in_process)
+    frozen_seconds = None if error else frozen["seconds"]
+    print(f"one forward+backward: {fwd_bwd['seconds']:.2f} s; with frozen parameters (what the calibration pass "
+          f"differentiates): {frozen_seconds if frozen_seconds is None else round(frozen_seconds, 2)} s", flush=True)
     rows, errors = [], {}
 
     def save(target_bytes=None):  # after every method too: a run cut short (a time limit) keeps what it measured
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"preset": args.preset, "device": args.device, "dtype": args.dtype,
-                           "fwd_bwd_seconds": fwd_bwd["seconds"], "target_weight_bytes": target_bytes,
+                           "fwd_bwd_seconds": fwd_bwd["seconds"], "fwd_bwd_frozen_seconds": frozen_seconds,
+                           "target_weight_bytes": target_bytes,
                            "methods": rows, "errors": errors}, f, indent=2)
 
     for name in methods:

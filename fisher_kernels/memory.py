@@ -130,11 +130,13 @@ def _saved_tensor_bytes(model: nn.Module, names: list[str], batch_size: int, seq
     """Run the model's forward on meta tensors as the calibration pass does (parameters frozen,
     target layer outputs requiring grad, the weighted cross-entropy on its logits) and add up
     the bytes of every distinct tensor autograd saves (and, with ``hold_inputs``, the target
-    layers' inputs), plus the logits' gradient. Also returns the layers whose input is the same
-    tensor as an earlier target layer's."""
+    layers' inputs), plus the logits and their gradient (the loss computes the gradient in its
+    forward sweep, while the logits are still alive) and the loss's largest fp32 chunk
+    temporary. Also returns the layers whose input is the same tensor as an earlier target
+    layer's."""
     from torch.func import functional_call
 
-    from .statistics.batches import output_logits, weighted_cross_entropy
+    from .statistics.batches import CHUNK_ELEMENTS, output_logits, weighted_cross_entropy
 
     meta = {n: torch.empty_like(t, device="meta") for n, t in [*model.named_parameters(), *model.named_buffers()]}
     parameter_ids = {id(t) for t in meta.values()}
@@ -170,7 +172,10 @@ def _saved_tensor_bytes(model: nn.Module, names: list[str], batch_size: int, seq
             weighted_cross_entropy(flat, torch.zeros(flat.shape[0], dtype=torch.long, device="meta"),
                                    torch.ones(flat.shape[0], device="meta"))
             logits_bytes = logits.numel() * logits.element_size()
+            held = 0 if id(logits._base if logits._base is not None else logits) in seen else logits_bytes
+            rows = max(1, CHUNK_ELEMENTS // max(1, flat.shape[-1]))
+            chunk_bytes = 4 * min(rows, flat.shape[0]) * flat.shape[-1]
     finally:
         for handle in handles:
             handle.remove()
-    return sum(seen.values()) + logits_bytes, shares_input
+    return sum(seen.values()) + held + logits_bytes + chunk_bytes, shares_input

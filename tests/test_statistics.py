@@ -153,7 +153,9 @@ def test_loss_fn_with_input_target_pairs_matches_dict_batches():
 
     pairs = [({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}, b["labels"]) for b in batches]
     got = collect_statistics(model, pairs, req, loss_fn=loss_fn, progress=False)
-    assert torch.allclose(got[name].output_factor, ref[name].output_factor, rtol=1e-5, atol=1e-8)
+    # two fp32 cross-entropy kernels: equal to fp32 rounding of the largest entry (both are ~5e-7 from fp64)
+    scale = ref[name].output_factor.abs().max()
+    assert torch.allclose(got[name].output_factor, ref[name].output_factor, rtol=1e-5, atol=2e-6 * scale)
     assert torch.allclose(got[name].input_factor, ref[name].input_factor, rtol=1e-6)
 
 

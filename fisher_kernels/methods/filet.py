@@ -124,7 +124,10 @@ class FILet(InitMethod):
         if W.dtype.itemsize >= 4 or not self._keeps_exact_on_host(W):
             return self._basis(W)
         exact = self._basis(W, dtype=torch.float64)  # rounded once to each dtype, as the recomputation would
-        host = exact.vectors.to("cpu", torch.float32)
+        # fp32 on the device, then an asynchronous copy into pinned host memory: the next layer's
+        # decomposition is queued without waiting for this copy (initialize_layer's copy back to
+        # the device is ordered after it on the same stream)
+        host = exact.vectors.to(torch.float32).to("cpu", non_blocking=True)
         if host.nbytes + sum(t.nbytes for t in self._exact_on_host.values()) < available_memory("cpu")[0] / 2:
             self._exact_on_host[name] = host
         return SingularBasis(exact.side, exact.vectors.to(W.dtype), exact.values)

@@ -65,22 +65,23 @@ def probe_inputs(op: str, dtype: torch.dtype, features: int, device, seed: int =
     """Arguments of ``op`` for a probe: a fresh zero accumulator first, then inputs, mask last
     (``basis_dtype``: the projected energy's basis, fp32 or a compact bf16/fp16 one; ``rows``:
     the rows of the probe, at most 2²⁵ entries in all)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)  # made where they are used: no host work, no copy
     rows = max(1, min(rows, 2**25 // max(features, 1)))
-    x = torch.randn(rows, features, generator=g).to(device, dtype)
-    mask = (torch.rand(rows, generator=g) > 0.25).to(device)
+    x = torch.randn(rows, features, generator=g, device=device).to(dtype)
+    mask = torch.rand(rows, generator=g, device=device) > 0.25
     if op == "masked_syrk_":
         return torch.zeros(features, features, device=device), x, mask
     if op == "masked_outer_":
         # a rectangular product; as aligned as the layers it stands for (an odd width, which no model layer
         # has, slowed cuBLAS's tensor-core GEMM so much that the H200's probe chose Triton, 2× slower on layers)
         other = features // 2 if features >= 16 else features // 2 + 3
-        y = torch.randn(rows, other, generator=g).to(device, dtype)
+        y = torch.randn(rows, other, generator=g, device=device).to(dtype)
         return torch.zeros(other, features, device=device), y, x, mask
     if op == "masked_column_sumsq_":
         return torch.zeros(features, device=device), x, mask
     if op == "masked_projected_energy_":
-        basis = torch.linalg.qr(torch.randn(features, min(features, 256), generator=g))[0].to(device, basis_dtype)
+        basis = torch.linalg.qr(torch.randn(features, min(features, 256), generator=g, device=device))[0].to(basis_dtype)
         return torch.zeros(basis.shape[1], device=device), x, basis, mask
     raise ValueError(f"unknown op {op!r}")
 

@@ -37,9 +37,10 @@ def masked_projected_energy_(
 ) -> torch.Tensor:
     """``acc += Σ_t mask_t (basisᵀ x_t)²``; acc (m,) fp32, basis (d, m) fp32 (or a compact bf16/fp16
     basis, widened exactly)."""
-    projected = x.float() @ basis.float()  # (N, m)
-    acc.add_((_masked_fp32(projected, mask) * projected).sum(dim=0))
-    return acc
+    squares = (x.float() @ basis.float()).square()  # (N, m)
+    if mask is None:
+        return acc.add_(squares.sum(dim=0))
+    return acc.addmv_(squares.T, mask.to(torch.float32))
 
 
 def masked_outer_(

@@ -230,17 +230,18 @@ def split_batch(prepared: PreparedBatch, size: int | None) -> list[PreparedBatch
     return parts
 
 
-def counted_labels(prepared: PreparedBatch, *, causal: bool, sampled: bool) -> int:
-    """Positions of the whole batch that enter the loss (for per-batch weighting of micro-batches)."""
+def counted_labels(prepared: PreparedBatch, *, causal: bool, sampled: bool) -> torch.Tensor | int:
+    """Positions of the whole batch that enter the loss (for per-batch weighting of micro-batches):
+    a count on the batch's device (not read back: no host synchronisation), or an int."""
     if sampled:
         mask = prepared.output_token_mask
-        return prepared.num_sequences if mask is None else int(mask.sum())
+        return prepared.num_sequences if mask is None else mask.sum()
     labels = prepared.targets
     if not isinstance(labels, torch.Tensor):
         return prepared.num_sequences
     if causal and labels.dim() == 2:
         labels = labels[:, 1:]
-    return int(labels.ne(IGNORE_INDEX).sum())
+    return labels.ne(IGNORE_INDEX).sum()
 
 
 def is_causal_lm(model) -> bool:
@@ -259,7 +260,8 @@ def output_logits(outputs) -> torch.Tensor:
 LOSS_WEIGHTINGS = ("token", "sequence", "batch")
 
 
-def loss_weights(labels: torch.Tensor, weighting: str, batch_total: int | None = None) -> tuple[torch.Tensor, int]:
+def loss_weights(labels: torch.Tensor, weighting: str,
+                 batch_total: torch.Tensor | int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position weights of the calibration loss and the number of loss units they make.
 
     ``labels`` (B, T) or (B,), ``-100`` ignored. ``"token"``: every counted label weighs 1 (the
@@ -268,24 +270,27 @@ def loss_weights(labels: torch.Tensor, weighting: str, batch_total: int | None =
     sequences with a label). ``"batch"``: every label weighs ``1/T`` of the whole batch, the
     batch's mean loss (units = 1 when the batch has a label). For a micro-batch of a larger batch,
     ``batch_total`` is the whole batch's label count and the units are 0 (the caller counts the
-    batch once).
+    batch once). The units are a 0-dim int64 tensor on the labels' device, never read back here
+    (each read would stall the host until the device is idle).
     """
-    counted = labels.ne(IGNORE_INDEX).float()
+    counted = labels.ne(IGNORE_INDEX)
+    weights = counted.float()
     if weighting == "token":
-        return counted, int(counted.sum())
+        return weights, counted.sum()
     if weighting == "batch":
         if batch_total is not None:
-            return counted / max(batch_total, 1), 0
+            total = batch_total.clamp_min(1) if isinstance(batch_total, torch.Tensor) else max(batch_total, 1)
+            return weights.div_(total), torch.zeros((), dtype=torch.int64, device=labels.device)
         total = counted.sum()
-        return counted / total.clamp_min(1), int(total > 0)
+        return weights.div_(total.clamp_min(1)), total.clamp_max(1)
     if weighting == "sequence":
         per_sequence = counted.reshape(counted.shape[0], -1).sum(dim=1)  # (B,)
         shape = (-1,) + (1,) * (counted.dim() - 1)
-        return counted / per_sequence.clamp_min(1).reshape(shape), int((per_sequence > 0).sum())
+        return weights.div_(per_sequence.clamp_min(1).reshape(shape)), per_sequence.clamp_max(1).sum()
     raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
 
 
-CHUNK_ELEMENTS = 2**20  # fp32 temporaries of the loss: about 4 MiB per chunk of rows
+CHUNK_ELEMENTS = 2**24  # fp32 temporary of the loss: one 64 MiB chunk of rows at a time
 
 
 def _row_chunks(logits: torch.Tensor):
@@ -295,38 +300,43 @@ def _row_chunks(logits: torch.Tensor):
 class _WeightedCrossEntropy(torch.autograd.Function):
     """``Σ_t w_t · CE(logits_t, label_t)`` over rows, in fp32, a chunk of rows at a time.
 
-    Saves only the logits the model produced (no fp32 copy, no log-softmax); the backward pass
-    recomputes each chunk's cross-entropy and differentiates it with ``F.cross_entropy``'s own
-    backward, so the gradients round exactly as an unchunked ``F.cross_entropy`` would. Rows
-    with label ``-100`` contribute nothing.
+    When the logits need a gradient it is computed in the same sweep, ``w_t (softmax(z_t) −
+    onehot(label_t))`` rounded as ``F.cross_entropy``'s backward rounds it, stored in the logits'
+    dtype and kept in place of the logits (no fp32 copy of the logits, no recomputation and no
+    autograd call per chunk in the backward, which only scales it by the incoming gradient). Each
+    chunk is one fp32 temporary. Rows with label ``-100`` (weight 0) contribute nothing.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, weights):
+    def forward(ctx, logits, labels, weights, wants_gradient):
+        ignored = labels.eq(IGNORE_INDEX).unsqueeze(1)
+        picked_index = labels.clamp_min(0).unsqueeze(1)  # -100 -> 0: weight 0 there
+        weights = weights.unsqueeze(1)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        grad = torch.empty_like(logits) if wants_gradient else None
         for rows in _row_chunks(logits):
-            losses = F.cross_entropy(logits[rows].float(), labels[rows], ignore_index=IGNORE_INDEX, reduction="none")
-            total += (losses * weights[rows]).sum()
-        ctx.save_for_backward(logits, labels, weights)
+            index, w = picked_index[rows], weights[rows]
+            log_p = torch.log_softmax(logits[rows], 1, dtype=torch.float32)  # the chunk's one fp32 temporary
+            losses = log_p.gather(1, index).masked_fill_(ignored[rows], 0.0)
+            total -= losses.T.mm(w).squeeze()
+            if wants_gradient:  # F.cross_entropy's own backward: w·exp(log p) − w at the label
+                log_p.exp_().mul_(w).scatter_add_(1, index, w.neg())
+                grad[rows].copy_(log_p)
+        ctx.grad = grad
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        logits, labels, weights = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for rows in _row_chunks(logits):
-            with torch.enable_grad():
-                block = logits[rows].detach().float().requires_grad_(True)
-                losses = F.cross_entropy(block, labels[rows], ignore_index=IGNORE_INDEX, reduction="none")
-                (chunk_grad,) = torch.autograd.grad(losses, block, weights[rows] * grad_total)
-            grad[rows] = chunk_grad.to(grad.dtype)
-        return grad, None, None
+        grad, ctx.grad = ctx.grad, None
+        return grad.mul_(grad_total.to(grad.dtype)), None, None, None
 
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``Σ_t w_t · CE(logits_t, labels_t)`` for logits (N, C) of any float dtype, labels (N,) with
-    ``-100`` where ``w_t = 0``; computed in fp32 without a full fp32 copy of the logits."""
-    return _WeightedCrossEntropy.apply(logits, labels, weights.to(torch.float32))
+    ``-100`` where ``w_t = 0``; computed in fp32 without a full fp32 copy of the logits (the
+    gradient, when autograd will want one, is computed in the same sweep)."""
+    wants_gradient = torch.is_grad_enabled() and logits.requires_grad
+    return _WeightedCrossEntropy.apply(logits, labels, weights.to(torch.float32), wants_gradient)
 
 
 def _shifted(labels: torch.Tensor) -> torch.Tensor:
@@ -337,14 +347,15 @@ def _shifted(labels: torch.Tensor) -> torch.Tensor:
 
 
 def summed_model_loss(outputs, labels: torch.Tensor, *, causal: bool, weighting: str = "token",
-                      batch_total: int | None = None) -> tuple[torch.Tensor, int, int]:
+                      batch_total: torch.Tensor | int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The calibration loss for the usual Hugging Face heads, its label count and loss units.
 
     Causal LM: cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]``; token-level
     heads: cross-entropy per token; sequence classification: cross-entropy per sample
     (mean-squared error when there is one float target per sample). ``-100`` is ignored.
     The per-position losses are weighted as :func:`loss_weights` says (``"token"``: their sum).
-    Returns ``(loss, number of counted labels, number of loss units)``.
+    Returns ``(loss, number of counted labels, number of loss units)``, the counts as 0-dim
+    tensors on the device (read them with ``int()`` only where a host synchronisation is fine).
     """
     logits = output_logits(outputs)
     if labels.dim() == logits.dim() - 1 and labels.shape == logits.shape[:-1]:
@@ -353,15 +364,15 @@ def summed_model_loss(outputs, labels: torch.Tensor, *, causal: bool, weighting:
         weights, units = loss_weights(labels, weighting, batch_total)
         flat_labels = labels.reshape(-1)
         loss = weighted_cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_labels, weights.reshape(-1))
-        return loss, int(flat_labels.ne(IGNORE_INDEX).sum()), units
+        return loss, (units if weighting == "token" else flat_labels.ne(IGNORE_INDEX).sum()), units
     if labels.is_floating_point() and logits.shape[-1] == 1 and labels.numel() == logits.shape[0]:
         weights, units = loss_weights(torch.zeros(labels.numel(), dtype=torch.long, device=labels.device), weighting,
                                       batch_total)
         squared = (logits.reshape(-1).float() - labels.reshape(-1).float()).square()
-        return (squared * weights).sum(), labels.numel(), units
+        return (squared * weights).sum(), torch.tensor(labels.numel()), units
     if logits.dim() == 2 and labels.shape == logits.shape[:1]:
         weights, units = loss_weights(labels, weighting, batch_total)
-        return weighted_cross_entropy(logits, labels, weights), int(labels.ne(IGNORE_INDEX).sum()), units
+        return weighted_cross_entropy(logits, labels, weights), labels.ne(IGNORE_INDEX).sum(), units
     raise ValueError(
         f"cannot tell how to compute the loss for logits of shape {tuple(logits.shape)} and labels of "
         f"shape {tuple(labels.shape)}; pass loss_fn=(outputs, targets) -> summed loss"
@@ -369,7 +380,8 @@ def summed_model_loss(outputs, labels: torch.Tensor, *, causal: bool, weighting:
 
 
 def sampled_label_loss(outputs, token_mask: torch.Tensor | None, generator: torch.Generator,
-                       weighting: str = "token", batch_total: int | None = None) -> tuple[torch.Tensor, int]:
+                       weighting: str = "token",
+                       batch_total: torch.Tensor | int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """True-Fisher loss: cross-entropy against labels drawn from the model's own prediction.
 
     Token-level logits (B, T, V): one label per counted token; sequence-level (B, C): one per

@@ -23,7 +23,7 @@ from ..sharded import called_module, release_after_pass, sharding_of
 from ..ops import cublas, get_ops
 from .batches import (IGNORE_INDEX, LOSS_WEIGHTINGS, as_batches, counted_labels, is_causal_lm, prepare_batch,
                       sampled_label_loss, split_batch, summed_model_loss)
-from .containers import KFACStatistics, LayerStatistics, StatisticsRequest, model_fingerprint, tensor_hash
+from .containers import KFACStatistics, LayerStatistics, StatisticsRequest, model_fingerprint, tensor_hash_on_device
 from .model_state import PreservedModelState
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ class _LayerAccumulator:
         d_out, d_in = layer_dims(module)
         self.d_in, self.d_out = d_in, d_out
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=device)  # noqa: E731
-        self.num_tokens = 0
+        self.num_tokens = 0  # rows counted without a mask; masked rows: counted_refs, read at the end
+        self.counted_refs: list[int] = []  # indices into the pass's deferred counts
         self.input_factor = zeros(d_in, d_in) if request.input_factor else None
         self.output_factor = zeros(d_out, d_out) if request.output_factor else None
         self.output_factor_diag = zeros(d_out) if request.output_factor_diag else None
@@ -127,6 +128,34 @@ def _tapped(x: torch.Tensor) -> bool:
     return type(x.grad_fn) is _InputGradientTap._backward_cls
 
 
+class DeferredCounts:
+    """Integers the pass needs on the host only at its end (tokens per mask and batch, loss units,
+    batch hashes), kept as 0-dim tensors where they were computed and read back together: one host
+    synchronisation per pass instead of several per batch (each read stalls the host until the
+    device has drained its queue)."""
+
+    def __init__(self):
+        self._values: list[torch.Tensor | int] = []
+
+    def add(self, value: torch.Tensor | int) -> int:
+        """Keep ``value``; returns its index in :meth:`read`'s list."""
+        self._values.append(value)
+        return len(self._values) - 1
+
+    def read(self) -> list[int]:
+        """Every value kept, as ints (one read per device holding any)."""
+        out: list[int | None] = [v if isinstance(v, int) else None for v in self._values]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, value in enumerate(self._values):
+            if isinstance(value, torch.Tensor):
+                by_device.setdefault(value.device, []).append(i)
+        for indices in by_device.values():
+            read = torch.stack([self._values[i].to(torch.int64) for i in indices]).tolist()
+            for i, value in zip(indices, read):
+                out[i] = value
+        return out
+
+
 _CROSS_ATTENTION = ("encoder_attn", "EncDecAttention", "crossattention")
 _KEY_VALUE = ("k_proj", "v_proj", "k", "v", "key", "value")
 
@@ -153,6 +182,8 @@ class _StatisticsHooks:
         self.batch_index = 0
         self._inputs_this_batch: dict[int, tuple[torch.Tensor, str]] = {}
         self._counted_rows: dict[int, int] = {}
+        self._float_masks: dict[int, torch.Tensor] = {}
+        self.deferred_counts = DeferredCounts()
         self.paused = False  # a forward that must not count (the model's own loss check)
         self.repeating = False  # a lockstep rank's repeated micro-batch: not counted, same autograd graph
         self.sharded = sharding_of(model, inside_fsdp=True) is not None
@@ -212,23 +243,38 @@ class _StatisticsHooks:
                     decoder_token_mask: torch.Tensor | None = None) -> None:
         self.token_mask, self.decoder_token_mask, self.batch_index = token_mask, decoder_token_mask, index
         self._inputs_this_batch.clear()
-        self._counted_rows = {}  # counted rows per mask, read from the device once a batch
+        self._counted_rows = {}  # per mask of this batch: the index of its count in deferred_counts
+        self._float_masks = {}  # per mask of this batch: its fp32 0/1 rows, made once for every layer
 
     def _counted(self, mask: torch.Tensor) -> int:
-        """Positions a token mask of this batch counts: read from the device once per batch and
-        mask, not once per layer (each read stalls the host until the device's queue drains)."""
+        """The deferred count of the positions a token mask of this batch counts (summed on the
+        device once per batch and mask, read back with everything else at the end of the pass)."""
         key = id(mask)
         if key not in self._counted_rows:
-            self._counted_rows[key] = int(mask.sum())
+            self._counted_rows[key] = self.deferred_counts.add(mask.sum())
         return self._counted_rows[key]
+
+    def _float_rows(self, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` flattened to fp32 rows, once per batch and mask (the kernels take 0/1 floats)."""
+        key = id(mask)
+        if key not in self._float_masks:
+            self._float_masks[key] = mask.reshape(-1).to(torch.float32)
+        return self._float_masks[key]
+
+    def read_token_counts(self, counts: list[int]) -> None:
+        """Every layer's counted tokens from the deferred counts read at the end of the pass."""
+        for layer in self.layers.values():
+            layer.num_tokens += sum(counts[i] for i in layer.counted_refs)
+            layer.counted_refs = []
 
     def _row_mask(self, layer: _LayerAccumulator, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         """The 0/1 mask of ``x``'s rows, from the token mask of the layer's side (the decoder's for
         an encoder-decoder model's decoder layers). Inputs may keep the (B, T) token layout or
         come flattened to (B·T,) rows (OPT's MLP); a layer with one row per sequence (a pooled
         classification head) counts every row; a layer whose rows match the other side's mask
-        (equal-length checks aside) takes that one. Returns the mask (None: every row) and the
-        number of rows it counts."""
+        (equal-length checks aside) takes that one. Returns the fp32 0/1 mask of the rows (None:
+        every row) and what it counts: ``(None, rows)`` for every row, else ``(mask, index)`` with
+        ``index`` the mask's count in ``deferred_counts`` (summed on the device, read at the end)."""
         lead = tuple(x.shape[:-1])
         own, other = ((self.decoder_token_mask, self.token_mask) if layer.side == "decoder"
                       else (self.token_mask, self.decoder_token_mask))
@@ -239,7 +285,7 @@ class _StatisticsHooks:
             if mask is None:
                 continue
             if lead == tuple(mask.shape) or (len(lead) == 1 and mask.dim() > 1 and lead[0] == mask.numel()):
-                return mask.reshape(-1), self._counted(mask)
+                return self._float_rows(mask), self._counted(mask)
         if len(lead) == 1 and lead[0] == own.shape[0]:
             return every_row  # a sequence-level layer (one row per sample)
         raise ValueError(
@@ -276,7 +322,10 @@ class _StatisticsHooks:
             x = args[0].detach()
             mask, counted = self._row_mask(layer, x)
             rows = x.reshape(-1, layer.d_in)
-            layer.num_tokens += counted
+            if mask is None:
+                layer.num_tokens += counted  # every row
+            else:
+                layer.counted_refs.append(counted)  # the mask's deferred count
             req = layer.request
             if req.input_factor and self._owns_input_factor(layer, args[0]):
                 self.ops.masked_syrk_(layer.input_factor, rows, mask)
@@ -548,24 +597,40 @@ def collect_statistics(
     return stats
 
 
-def batch_fingerprint(prepared) -> int:
-    """A 63-bit hash of a prepared batch's tensors (inputs and targets, exact values, hashed on
-    their device by :func:`tensor_hash`), never 0."""
-    digest = hashlib.blake2b(digest_size=8)
+class _BatchHashes:
+    """Fingerprints of the pass's batches (exact values, hashed on their device by
+    :func:`tensor_hash_on_device`), read back with the pass's other deferred counts at its end."""
 
-    def feed(value):
-        if isinstance(value, torch.Tensor):
-            digest.update(f"{tuple(value.shape)}:{value.dtype}:{tensor_hash(value)}".encode())
-        elif isinstance(value, Mapping):
-            for key in sorted(value):
-                digest.update(str(key).encode())
-                feed(value[key])
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                feed(item)
+    def __init__(self, counts: DeferredCounts):
+        self.counts = counts
+        self.batches: list[list[tuple[str, int | None]]] = []
 
-    feed((prepared.args, prepared.kwargs, prepared.targets))
-    return (int.from_bytes(digest.digest(), "little") >> 1) or 1
+    def add(self, prepared) -> None:
+        parts: list[tuple[str, int | None]] = []
+
+        def feed(value):
+            if isinstance(value, torch.Tensor):
+                parts.append((f"{tuple(value.shape)}:{value.dtype}:", self.counts.add(tensor_hash_on_device(value))))
+            elif isinstance(value, Mapping):
+                for key in sorted(value):
+                    parts.append((str(key), None))
+                    feed(value[key])
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    feed(item)
+
+        feed((prepared.args, prepared.kwargs, prepared.targets))
+        self.batches.append(parts)
+
+    def fingerprints(self, counts: list[int]) -> list[int]:
+        """A 63-bit hash per batch, never 0."""
+        out = []
+        for parts in self.batches:
+            digest = hashlib.blake2b(digest_size=8)
+            for text, index in parts:
+                digest.update((text if index is None else f"{text}{counts[index] & (2**64 - 1)}").encode())
+            out.append((int.from_bytes(digest.digest(), "little") >> 1) or 1)
+        return out
 
 
 def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn, fisher, generator,
@@ -575,8 +640,10 @@ def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn,
     rank's first batch (0: none). ``lockstep`` (a sharded model): every rank runs the same number
     of forwards and backwards, see :class:`_Lockstep`."""
     causal, encoder_decoder = prepare_options["causal"], prepare_options["encoder_decoder"]
-    first_batch = 0
-    data = hashlib.sha256()
+    counts = hooks.deferred_counts
+    hashes = _BatchHashes(counts)
+    loss_units: list[int] = []  # indices into counts
+    losses: list[tuple[int, torch.Tensor]] = []  # (batch, loss) after the first batch: finiteness checked at the end
     last_part = None  # a lockstep rank with fewer micro-batches repeats it, counting nothing
     for index in itertools.count():
         prepared, parts, error = None, [], None
@@ -586,10 +653,7 @@ def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn,
                 prepared = prepare_batch(batch, index, device, **prepare_options)
                 if encoder_decoder:
                     _add_decoder_inputs(model, prepared)
-                fingerprint = batch_fingerprint(prepared)
-                data.update(fingerprint.to_bytes(8, "little"))
-                if index == 0:
-                    first_batch = fingerprint
+                hashes.add(prepared)
                 parts = split_batch(prepared, micro_batch_size)
                 last_part = parts[-1] if parts else last_part
         except Exception as err:
@@ -607,7 +671,8 @@ def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn,
         batch_total = None
         if len(parts) > 1 and loss_weighting == "batch" and loss_fn is None:
             batch_total = counted_labels(prepared, causal=causal, sampled=fisher == "true")
-            stats.loss_units += int(batch_total > 0)
+            loss_units.append(counts.add(batch_total.clamp_max(1) if isinstance(batch_total, torch.Tensor)
+                                         else min(batch_total, 1)))
         for part_index in range(steps):
             counted = part_index < len(parts)  # else a lockstep rank's repeat, which must not count
             part = parts[part_index] if counted else last_part
@@ -620,12 +685,17 @@ def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn,
                                            hooks)
                 if hooks.deferred is not None:  # a hook failed during this forward
                     raise hooks.take_deferred()
-                if not torch.isfinite(loss):
+                if index == 0 and not torch.isfinite(loss):  # later batches: read at the end of the pass
                     raise ValueError(f"batch {index}: the loss is not finite ({loss.item()})")
-                backward = needs_gradients and (units > 0 or batch_total or lockstep is not None)
+                if counted and index > 0:
+                    losses.append((index, loss.detach()))
+                backward = needs_gradients
                 if backward and not loss.requires_grad:
-                    raise ValueError(f"batch {index}: the loss does not depend on the model's outputs through "
-                                     "autograd (computed under no_grad, or detached), so it has no gradient")
+                    if lockstep is None and int(units) == 0 and not (batch_total is not None and int(batch_total)):
+                        backward = False  # nothing counted, nothing to differentiate
+                    else:
+                        raise ValueError(f"batch {index}: the loss does not depend on the model's outputs through "
+                                         "autograd (computed under no_grad, or detached), so it has no gradient")
             except Exception as err:
                 error = _located(err, index)
                 if lockstep is None:
@@ -643,14 +713,31 @@ def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn,
                     error = hooks.take_deferred()
                     lockstep.agree(index, None if error is None else _located(error, index))
             if counted:
-                stats.loss_units += units
+                loss_units.append(counts.add(units))
             del loss
         hooks.start_batch(None, index + 1)  # drop this batch's references
         if prepared is not None:
             stats.num_batches += 1
             stats.num_sequences += prepared.num_sequences
-    stats.data_fingerprint = data.hexdigest()
-    return first_batch
+    values = counts.read()  # the pass's one read back to the host
+    _check_losses_finite(losses)
+    hooks.read_token_counts(values)
+    stats.loss_units += sum(values[i] for i in loss_units)
+    fingerprints = hashes.fingerprints(values)
+    stats.data_fingerprint = hashlib.sha256(b"".join(f.to_bytes(8, "little") for f in fingerprints)).hexdigest()
+    return fingerprints[0] if fingerprints else 0
+
+
+def _check_losses_finite(losses: list[tuple[int, torch.Tensor]]) -> None:
+    """The first batch whose loss is not finite, named in a ValueError (read once, after the pass)."""
+    if not losses:
+        return
+    finite = torch.stack([loss.float() for _, loss in losses]).isfinite()
+    if bool(finite.all()):
+        return
+    at = int((~finite).to(torch.int64).argmax())
+    index, loss = losses[at]
+    raise ValueError(f"batch {index}: the loss is not finite ({loss.item()})")
 
 
 def _located(err: Exception, index: int) -> Exception:
@@ -809,6 +896,7 @@ def _check_model_loss(model, prepared, causal: bool, hooks=None) -> None:
             hooks.paused = False
     model_loss = getattr(outputs, "loss", None)
     summed, count, _ = summed_model_loss(outputs, one.targets, causal=causal)
+    count = int(count)
     if model_loss is None or count == 0:
         return
     model_loss = model_loss.item()
@@ -829,6 +917,7 @@ def _refuse_mean_loss(loss: torch.Tensor, outputs, labels, causal: bool) -> None
     try:
         with torch.no_grad():
             summed, count, _ = summed_model_loss(outputs, labels, causal=causal)
+            count = int(count)
     except (ValueError, TypeError, RuntimeError):
         return  # not a cross-entropy we can recompute: nothing to compare with
     value, summed = float(loss.detach()), float(summed)
@@ -838,10 +927,10 @@ def _refuse_mean_loss(loss: torch.Tensor, outputs, labels, causal: bool) -> None
                          "statistics do not depend on batch sizes")
 
 
-def _token_count(prepared) -> int:
-    """Counted tokens of a batch (the loss units of a user's summed ``loss_fn``)."""
+def _token_count(prepared) -> torch.Tensor | int:
+    """Counted tokens of a batch (the loss units of a user's summed ``loss_fn``), on the device."""
     mask = prepared.output_token_mask
-    return prepared.num_sequences if mask is None else int(mask.sum())
+    return prepared.num_sequences if mask is None else mask.sum()
 
 
 def _add_decoder_inputs(model: nn.Module, prepared) -> None:

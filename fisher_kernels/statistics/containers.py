@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 from dataclasses import dataclass, field
@@ -164,6 +165,7 @@ class KFACStatistics:
 
 
 _HASH_CHUNK = 1 << 20
+_CACHED_COEFFICIENTS = 1 << 16
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
 
 
@@ -171,17 +173,33 @@ def tensor_hash(tensor: torch.Tensor) -> int:
     """A 64-bit hash of a tensor's exact bits, computed where the tensor lives (no host copy):
     ``Σ_i bits_i · c_i`` modulo 2⁶⁴ with an odd pseudo-random ``c_i`` per position, so any change
     of any single entry changes it. Chunked: temporaries of ``2²⁰`` int64 numbers."""
+    return int(tensor_hash_on_device(tensor).item()) & (2**64 - 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_coefficients(count: int, device: torch.device) -> torch.Tensor:
+    positions = torch.arange(count, dtype=torch.int64, device=device)
+    return positions * _GOLDEN + 1442695040888963407 | 1
+
+
+def tensor_hash_on_device(tensor: torch.Tensor) -> torch.Tensor:
+    """:func:`tensor_hash` as a 0-dim int64 tensor on the tensor's device, not read back (reading
+    it stalls the host until the device is idle): collect several, read them together. A tensor of
+    at most ``2¹⁶`` entries (a batch of token ids) costs one multiply and one sum (its coefficients
+    are cached, 512 KiB at most each)."""
     flat = tensor.detach().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
     if flat.is_floating_point() or flat.is_complex():
         flat = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    if flat.numel() <= _CACHED_COEFFICIENTS:
+        return flat.to(torch.int64).mul(_hash_coefficients(flat.numel(), flat.device)).sum()
     total = torch.zeros((), dtype=torch.int64, device=flat.device)
     for start in range(0, flat.numel(), _HASH_CHUNK):
         bits = flat[start:start + _HASH_CHUNK].to(torch.int64)
         positions = torch.arange(start, start + bits.numel(), dtype=torch.int64, device=flat.device)
         total += (bits * (positions * _GOLDEN + 1442695040888963407 | 1)).sum()
-    return int(total.item()) & (2**64 - 1)
+    return total
 
 
 def model_fingerprint(model: nn.Module, layer_names: list[str]) -> str:
