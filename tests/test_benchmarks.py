@@ -261,7 +261,7 @@ def test_causal_results_of_several_processes_merge_into_one_table(tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps({"args": settings, "sweep": runs + [run(method, 0, 3e-3, 1.5)],
                                                           "runs": runs}))
     table = merge(str(tmp_path / "merged"), [str(tmp_path / "a.json"), str(tmp_path / "b.json")])
-    assert "| filet |" in table and "| lora_ga |" in table and "1.100 ± 0.100" in table
+    assert "| filet |" in table and "| lora_ga |" in table and "1.100 ± 0.141" in table  # sample SD of 1.0, 1.2
     assert (tmp_path / "merged" / "quality_siqa.png").exists()
     (tmp_path / "c.json").write_text(json.dumps({"args": dict(settings, steps=3), "sweep": [], "runs": []}))
     with pytest.raises(ValueError, match="steps"):
