@@ -17,7 +17,7 @@ from .peft_wiring import save_residual_model
 from .statistics import (KFACStatistics, LayerStatistics, StatisticsRequest, collect_statistics,
                          full_statistics_requests, load_statistics, save_statistics)
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "init_lora", "compute_initialization", "estimate_memory", "MemoryEstimate", "collect_statistics", "full_statistics_requests", "load_statistics",

@@ -24,6 +24,9 @@ from .sharded import (CALLED_MODULE, GatheredWeights, average_gradients_over_ran
 from .split_work import broadcast_results, compute_in_rounds, compute_share, deal, rank_and_world
 from .peft_wiring import (apply_base_updates, make_lora_config, remove_peft_layers, revert_base_updates,
                           wrap_with_lora)
+from . import memory
+from ._version import __version__
+from .statistics.batches import first_tensor
 from .statistics import KFACStatistics, collect_statistics, model_fingerprint
 from .statistics.batches import as_batches
 
@@ -59,8 +62,6 @@ class InitReport:
         """A JSON-ready summary: method, options, timings, token counts, and per layer the
         selected directions and every candidate's score (FILet's Fisher energies), so that an
         adapter can say how it was made (``save``) and be plotted (``fisher-kernels plot``)."""
-        from . import __version__
-
         def plain(value):
             if isinstance(value, torch.Tensor):
                 return value.detach().cpu().tolist()
@@ -202,14 +203,12 @@ def _resolve_budget(model, names, init_method, max_stats_memory, loader, micro_b
         if isinstance(max_stats_memory, bool) or not isinstance(max_stats_memory, numbers.Integral) or max_stats_memory < 1:
             raise ValueError(f"max_stats_memory must be a positive number of bytes or 'auto', got {max_stats_memory!r}")
         return int(max_stats_memory), f"max_stats_memory={int(max_stats_memory)} bytes, as given"
-    from .memory import available_memory, estimate_memory
-
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    free, source = available_memory(device)
+    free, source = memory.available_memory(device)  # read here, so that a test can stand in for it
     batch_size, seq_len = _batch_shape(loader)
     if micro_batch_size is not None:
         batch_size = min(batch_size, micro_batch_size)
-    estimate = estimate_memory(model, method=init_method, r=init_method.r, batch_size=batch_size,
+    estimate = memory.estimate_memory(model, method=init_method, r=init_method.r, batch_size=batch_size,
                                seq_len=seq_len, target_modules=names, model_resident=True)
     others = estimate.stages["activations"] + estimate.stages["temporaries"]
     budget = int(AUTO_MARGIN * free) - others
@@ -413,8 +412,6 @@ def _batch_shape(loader) -> tuple[int, int]:
     (peeks only at re-iterable loaders; a generator gives (1, 1))."""
     if iter(loader) is loader:
         return 1, 1
-    from .statistics.batches import first_tensor
-
     batch = next(iter(loader), None)
     tensor = first_tensor(batch)
     if tensor is None or tensor.dim() == 0:

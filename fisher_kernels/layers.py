@@ -132,3 +132,15 @@ def _output_embeddings(model: nn.Module):
         return getter() if callable(getter) else None
     except (AttributeError, NotImplementedError):
         return None
+
+
+# entries of a bf16/fp16 weight widened to fp32 at a time: a 2 MiB temporary on the CPU; on a GPU
+# 32 MiB, so that a layer takes a few large GEMMs rather than many small launches
+UPDATE_ENTRIES = 1 << 19
+UPDATE_ENTRIES_CUDA = 1 << 23
+
+
+def update_rows(d_in: int, device=None) -> int:
+    """Rows of a ``(d_out, d_in)`` weight on ``device`` updated through one fp32 temporary."""
+    entries = UPDATE_ENTRIES_CUDA if torch.device(device or "cpu").type == "cuda" else UPDATE_ENTRIES
+    return max(1, entries // d_in)

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-
-def available_memory(device) -> tuple[int, str]:
-    """Free bytes on ``device`` and where the figure comes from: ``torch.cuda.mem_get_info`` for
-    CUDA devices, the kernel's ``MemAvailable`` (or ``os.sysconf``) for the CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free), f"torch.cuda.mem_get_info({device})"
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "os.sysconf(SC_AVPHYS_PAGES)"
+from .device_memory import available_memory  # noqa: F401  (the planner's; api reads it from here)
+from .layers import layer_dims, resolve_target_modules, update_rows
+from .methods import METHODS, InitMethod, lora_scale
+from .statistics.batches import CHUNK_ELEMENTS, output_logits, weighted_cross_entropy
+from .statistics.collector import WEIGHT_ROWS
 
 
 @dataclass
@@ -67,10 +55,6 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
     count in ``model`` (``model_resident=False`` leaves them out of ``peak_bytes``). Checked
     against measured CPU peaks (fp32 and bf16) within 15 % by the tests.
     """
-    from .layers import layer_dims, resolve_target_modules
-    from .methods import METHODS, InitMethod, lora_scale
-    from .peft_wiring import update_rows
-
     if isinstance(method, InitMethod):
         init_method = method
     else:
@@ -109,9 +93,6 @@ def pass_activation_bytes(model: nn.Module, names: list[str], init_method, batch
     for the backward pass and the inputs the hooks keep for the mean gradient, measured on meta
     tensors; the gradient of the logits; the hooks' largest per-batch temporaries), and the names
     of the layers that read the same input tensor as an earlier one."""
-    from .layers import layer_dims
-    from .statistics.collector import WEIGHT_ROWS
-
     tokens = batch_size * seq_len
     saved, shares_input = _saved_tensor_bytes(model, names, batch_size, seq_len,
                                               hold_inputs=init_method.holds_layer_inputs)
@@ -136,7 +117,6 @@ def _saved_tensor_bytes(model: nn.Module, names: list[str], batch_size: int, seq
     layer's."""
     from torch.func import functional_call
 
-    from .statistics.batches import CHUNK_ELEMENTS, output_logits, weighted_cross_entropy
 
     meta = {n: torch.empty_like(t, device="meta") for n, t in [*model.named_parameters(), *model.named_buffers()]}
     parameter_ids = {id(t) for t in meta.values()}

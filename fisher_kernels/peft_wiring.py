@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from .layers import row_blocks, weight_matrix
+from .layers import row_blocks, update_rows, weight_matrix
 from .sharded import is_partitioned, is_sharded, local_update_factors, modify_whole_
 from .methods import LayerInit
 
@@ -167,18 +167,6 @@ def _materialise_kasa_adapter(name: str, layer: nn.Module, adapter: str, init: L
 def _base_layer(model: nn.Module, name: str) -> nn.Module:
     module = model.get_submodule(name)
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
-
-
-# entries of a bf16/fp16 weight widened to fp32 at a time: a 2 MiB temporary on the CPU; on a GPU
-# 32 MiB, so that a layer takes a few large GEMMs rather than many small launches
-UPDATE_ENTRIES = 1 << 19
-UPDATE_ENTRIES_CUDA = 1 << 23
-
-
-def update_rows(d_in: int, device=None) -> int:
-    """Rows of a ``(d_out, d_in)`` weight on ``device`` updated through one fp32 temporary."""
-    entries = UPDATE_ENTRIES_CUDA if torch.device(device or "cpu").type == "cuda" else UPDATE_ENTRIES
-    return max(1, entries // d_in)
 
 
 @torch.no_grad()

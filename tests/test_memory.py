@@ -50,13 +50,13 @@ def test_one_sided_singular_basis_completes_to_the_svd(shape):
 
 
 def test_bf16_update_in_row_chunks_equals_one_fp32_temporary(monkeypatch):
-    from fisher_kernels import peft_wiring
+    from fisher_kernels import layers
 
     g = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(7, 10).to(torch.bfloat16)
     P, Q = torch.randn(10, 3, generator=g), torch.randn(3, 7, generator=g)
     expected = (layer.weight.float() - P @ Q).to(torch.bfloat16)
-    monkeypatch.setattr(peft_wiring, "UPDATE_ENTRIES", 21)  # 3 rows of 7 at a time: 4 chunks
+    monkeypatch.setattr(layers, "UPDATE_ENTRIES", 21)  # 3 rows of 7 at a time: 4 chunks
     add_low_rank_(layer, P, Q, alpha=-1.0)
     assert torch.equal(layer.weight, expected)
 

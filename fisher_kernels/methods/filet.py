@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ..memory import available_memory
+from ..device_memory import available_memory
 from ..statistics import StatisticsRequest
 from ..statistics.containers import SingularBasis
 from .common import InitMethod, LayerInit, complete_triplets, residual_update, singular_basis, svd_factors

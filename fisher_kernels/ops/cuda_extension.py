@@ -10,14 +10,21 @@ and the stream; this module checks arguments and supplies those.
 
 from __future__ import annotations
 
+from importlib import import_module
 from types import SimpleNamespace
 
 import torch
 
+EXTENSION = "fisher_kernels._cuda_kernels"
+
 
 def load() -> SimpleNamespace:
     """Import the extension; raises when it is not built or no CUDA device is present."""
-    from fisher_kernels import _cuda_kernels  # ImportError when not built
+    try:
+        _cuda_kernels = import_module(EXTENSION)
+    except ModuleNotFoundError:
+        raise ImportError(f"the CUDA extension {EXTENSION} is not built (built by setup.py when torch sees a GPU, "
+                          "or with FISHER_KERNELS_BUILD_CUDA=1)") from None
 
     if not torch.cuda.is_available():
         raise RuntimeError("the CUDA extension is built but no CUDA device is available")

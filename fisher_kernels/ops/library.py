@@ -18,10 +18,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .registry import get_ops
+
 
 def _ops(backend: str, acc: Tensor):
-    from . import get_ops
-
     return get_ops(backend, acc.device)
 
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from .containers import KFACStatistics, LayerStatistics, model_fingerprint, tensor_hash
+from .._version import __version__
+from .fingerprint import model_fingerprint, tensor_hash
 
 FORMAT = "fisher_kernels.statistics/2"
 # formats this version reads: /1 (sampled fingerprint, no checksums) is not among them
@@ -24,12 +27,8 @@ _FIELDS = ("input_factor", "output_factor", "output_factor_diag", "gradient",
            "input_projected_energy", "output_projected_energy")
 
 
-def save_statistics(stats: KFACStatistics, path) -> None:
-    """Write ``stats`` to ``path`` (safetensors)."""
-    from safetensors.torch import save_file
-
-    from .. import __version__
-
+def write_statistics(stats, path) -> None:
+    """Write a :class:`~fisher_kernels.statistics.KFACStatistics` to ``path`` (safetensors)."""
     tensors = {}
     for name, layer in stats.layers.items():
         for key in _FIELDS:
@@ -58,17 +57,14 @@ def save_statistics(stats: KFACStatistics, path) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
-def load_statistics(path, model: nn.Module | None = None, device=None) -> KFACStatistics:
-    """Read statistics written by :func:`save_statistics`, verifying every tensor's checksum.
+def read_statistics(path, model: nn.Module | None = None, device=None) -> tuple[dict, dict[str, dict]]:
+    """Read statistics written by :func:`write_statistics`, verifying every tensor's checksum:
+    ``(the KFACStatistics fields but layers, {layer: the LayerStatistics fields})``.
 
     With ``model``, the file's fingerprint must match the model (every weight, in full, and the
     layer set): statistics of another model or of other weights raise ``ValueError``. Every
     refusal is one ``ValueError`` line that names the file.
     """
-    from safetensors import safe_open
-
-    from .. import __version__
-
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -108,14 +104,11 @@ def load_statistics(path, model: nn.Module | None = None, device=None) -> KFACSt
     for name in names:
         values = {key: tensors.get(f"{name}::{key}") for key in _FIELDS}
         values = {k: (v.to(device) if v is not None and device is not None else v) for k, v in values.items()}
-        layers[name] = LayerStatistics(num_tokens=counts[name], input_factor_shared_with=shared.get(name), **values)
-    for name, owner in shared.items():
-        layers[name].input_factor = layers[owner].input_factor
-    return KFACStatistics(layers=layers, num_batches=int(header["num_batches"]),
-                          num_sequences=int(header["num_sequences"]), fisher=header["fisher"],
-                          token_mask=header["token_mask"], fingerprint=header["fingerprint"] or None,
-                          loss_weighting=header["loss_weighting"], loss_units=int(header["loss_units"]),
-                          data_fingerprint=header["data_fingerprint"] or None)
+        layers[name] = dict(num_tokens=counts[name], input_factor_shared_with=shared.get(name), **values)
+    return dict(num_batches=int(header["num_batches"]), num_sequences=int(header["num_sequences"]),
+                fisher=header["fisher"], token_mask=header["token_mask"], fingerprint=header["fingerprint"] or None,
+                loss_weighting=header["loss_weighting"], loss_units=int(header["loss_units"]),
+                data_fingerprint=header["data_fingerprint"] or None), layers
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

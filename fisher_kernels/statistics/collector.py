@@ -23,7 +23,8 @@ from ..sharded import called_module, release_after_pass, sharding_of
 from ..ops import cublas, get_ops
 from .batches import (IGNORE_INDEX, LOSS_WEIGHTINGS, as_batches, counted_labels, is_causal_lm, prepare_batch,
                       sampled_label_loss, split_batch, summed_model_loss)
-from .containers import KFACStatistics, LayerStatistics, StatisticsRequest, model_fingerprint, tensor_hash_on_device
+from .containers import KFACStatistics, LayerStatistics, StatisticsRequest
+from .fingerprint import model_fingerprint, tensor_hash_on_device
 from .model_state import PreservedModelState
 
 logger = logging.getLogger(__name__)

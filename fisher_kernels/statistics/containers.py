@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import itertools
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from . import cache
 
 
 @dataclass
@@ -139,16 +138,19 @@ class KFACStatistics:
 
     def save(self, path) -> None:
         """Write to a safetensors file (see :mod:`fisher_kernels.statistics.cache`)."""
-        from .cache import save_statistics
-
-        save_statistics(self, path)
+        cache.write_statistics(self, path)
 
     @classmethod
     def load(cls, path, model: nn.Module | None = None, device=None) -> "KFACStatistics":
-        """Read a safetensors file; with ``model``, refuse statistics of another model or layer set."""
-        from .cache import load_statistics
-
-        return load_statistics(path, model=model, device=device)
+        """Read a safetensors file written by :meth:`save`, verifying every tensor's checksum; with
+        ``model``, refuse statistics of another model or layer set. Every refusal is one
+        ``ValueError`` line that names the file."""
+        header, layers = cache.read_statistics(path, model=model, device=device)
+        stats = {name: LayerStatistics(**fields) for name, fields in layers.items()}
+        for name, layer in stats.items():
+            if layer.input_factor_shared_with:
+                layer.input_factor = stats[layer.input_factor_shared_with].input_factor
+        return cls(layers=stats, **header)
 
     def __getitem__(self, name: str) -> LayerStatistics:
         return self.layers[name]
@@ -164,70 +166,11 @@ class KFACStatistics:
         return total
 
 
-_HASH_CHUNK = 1 << 20
-_CACHED_COEFFICIENTS = 1 << 16
-_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
+def save_statistics(stats: KFACStatistics, path) -> None:
+    """``stats.save(path)``."""
+    stats.save(path)
 
 
-def tensor_hash(tensor: torch.Tensor) -> int:
-    """A 64-bit hash of a tensor's exact bits, computed where the tensor lives (no host copy):
-    ``Σ_i bits_i · c_i`` modulo 2⁶⁴ with an odd pseudo-random ``c_i`` per position, so any change
-    of any single entry changes it. Chunked: temporaries of ``2²⁰`` int64 numbers."""
-    return int(tensor_hash_on_device(tensor).item()) & (2**64 - 1)
-
-
-@functools.lru_cache(maxsize=16)
-def _hash_coefficients(count: int, device: torch.device) -> torch.Tensor:
-    positions = torch.arange(count, dtype=torch.int64, device=device)
-    return positions * _GOLDEN + 1442695040888963407 | 1
-
-
-def tensor_hash_on_device(tensor: torch.Tensor) -> torch.Tensor:
-    """:func:`tensor_hash` as a 0-dim int64 tensor on the tensor's device, not read back (reading
-    it stalls the host until the device is idle): collect several, read them together. A tensor of
-    at most ``2¹⁶`` entries (a batch of token ids) costs one multiply and one sum (its coefficients
-    are cached, 512 KiB at most each)."""
-    flat = tensor.detach().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    if flat.is_floating_point() or flat.is_complex():
-        flat = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
-    if flat.numel() <= _CACHED_COEFFICIENTS:
-        return flat.to(torch.int64).mul(_hash_coefficients(flat.numel(), flat.device)).sum()
-    total = torch.zeros((), dtype=torch.int64, device=flat.device)
-    for start in range(0, flat.numel(), _HASH_CHUNK):
-        bits = flat[start:start + _HASH_CHUNK].to(torch.int64)
-        positions = torch.arange(start, start + bits.numel(), dtype=torch.int64, device=flat.device)
-        total += (bits * (positions * _GOLDEN + 1442695040888963407 | 1)).sum()
-    return total
-
-
-def model_fingerprint(model: nn.Module, layer_names: list[str]) -> str:
-    """Identifies what statistics were collected on: the model's class, the target layers' names
-    and shapes, and the exact values of every parameter and buffer of the model (targets and the
-    rest: embeddings, norms and heads shape the statistics too), hashed in full by
-    :func:`tensor_hash` on their own device."""
-    from ..sharded import is_partitioned, is_sharded, local_part
-
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name in layer_names:
-        weight = model.get_submodule(name).weight
-        digest.update(f"target {name}:{tuple(weight.shape)}:{weight.dtype}".encode())
-    shard_hashes, group = [], None
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if tensor.device.type == "meta":
-            digest.update(f"{name}:meta".encode())
-            continue
-        if is_sharded(tensor) or is_partitioned(tensor):  # each rank hashes its part; every rank's hashes count
-            shard_hashes.append(tensor_hash(local_part(tensor)))
-            group = tensor.device_mesh.get_group() if is_sharded(tensor) else None
-            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:sharded".encode())
-            continue
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{tensor_hash(tensor)}".encode())
-    if shard_hashes:
-        import torch.distributed as dist
-
-        every_rank = [None] * dist.get_world_size(group)
-        dist.all_gather_object(every_rank, shard_hashes, group=group)
-        digest.update(repr(every_rank).encode())
-    return digest.hexdigest()
+def load_statistics(path, model: nn.Module | None = None, device=None) -> KFACStatistics:
+    """``KFACStatistics.load(path, model, device)``."""
+    return KFACStatistics.load(path, model=model, device=device)
