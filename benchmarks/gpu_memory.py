@@ -18,18 +18,13 @@ import time
 
 import torch
 
-from benchmarks.memory_estimates import CONFIGS, TARGETS
-from benchmarks.models import calibration_batches
+from benchmarks.models import LLAMA_TARGETS as TARGETS
+from benchmarks.models import PRESETS, build_model, calibration_batches
 
 
 def llama(layers: int, device) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**dict(CONFIGS["Llama-3-8B"], num_hidden_layers=layers), max_position_embeddings=8192)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    return model.to(torch.bfloat16).eval()
+    """Llama-3-8B's shape with ``layers`` blocks, bf16, random weights."""
+    return build_model(dict(PRESETS["llama-3-8b"], layers=layers), dtype=torch.bfloat16, device=device)
 
 
 def measure(method: str, args) -> dict:

@@ -31,8 +31,9 @@ import sys
 
 import torch
 
-PRESET = dict(kind="llama", hidden=1024, intermediate=2816, vocab=8192, heads=16, kv_heads=4,
-              samples=8, seq_len=128, batch_size=4, r=16)
+from benchmarks.models import PRESETS, build_model, calibration_batches, target_module_names
+
+PRESET = PRESETS["memory"]
 
 OURS = {
     "filet": dict(method="filet"),
@@ -92,8 +93,6 @@ def _run(name: str, model, batches, preset) -> None:
 
 def measure_row(name: str, dtype: str, blocks: int) -> dict:
     """Measure one row in this process (call it in a fresh one)."""
-    from benchmarks.models import build_model, calibration_batches, target_module_names
-
     torch.set_num_threads(2)
     preset = dict(PRESET, layers=blocks)
     model = build_model(preset, dtype=DTYPES[dtype])

@@ -14,23 +14,16 @@ import argparse
 
 import torch
 
-CONFIGS = {
-    "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256),
-    "Llama-3-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                        num_key_value_heads=8, vocab_size=128256),
-}
+from benchmarks.models import LLAMA_TARGETS, PRESETS, build_model
+
+MODELS = {"Llama-3-8B": "llama-3-8b", "Llama-3-70B": "llama-3-70b"}  # table name: preset in benchmarks.models
 METHODS = ["filet", "lora_da", "lora_ga", "pissa", "milora", "kasa", "gaussian"]
 GPUS = [(40, "A100 40GB"), (80, "A100/H100 80GB"), (141, "H200 141GB")]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LLAMA_TARGETS
 
 
 def meta_llama(name: str, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**CONFIGS[name], max_position_embeddings=8192, torch_dtype=dtype)
-    with torch.device("meta"):
-        return LlamaForCausalLM(config).to(dtype)
+    return build_model(PRESETS[MODELS[name]], dtype=dtype, device="meta")
 
 
 def smallest_gpu(peak_bytes: int) -> str:
@@ -46,7 +39,7 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--models", default=",".join(CONFIGS))
+    parser.add_argument("--models", default=",".join(MODELS))
     args = parser.parse_args(argv)
     from fisher_kernels import estimate_memory
 

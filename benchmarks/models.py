@@ -1,4 +1,5 @@
-"""Random-weight model shapes and calibration data for the benchmarks (no download)."""
+"""Every model shape the benchmarks use (one table), random-weight models built from it (no
+download; on the ``meta`` device for estimates) and calibration data for them."""
 
 from __future__ import annotations
 
@@ -14,10 +15,23 @@ PRESETS = {
                  samples=256, seq_len=128, batch_size=8, r=16),
     "llama-1b": dict(kind="llama", hidden=2048, layers=16, intermediate=8192, vocab=128256, heads=32, kv_heads=8,
                      samples=256, seq_len=512, batch_size=8, r=32),
+    # benchmarks.memory: peaks above the model on the CPU (blocks set per row)
+    "memory": dict(kind="llama", hidden=1024, layers=4, intermediate=2816, vocab=8192, heads=16, kv_heads=4,
+                   samples=8, seq_len=128, batch_size=4, r=16),
+    # benchmarks.pass_cost: Llama-3's vocabulary, where the loss dominates a batch's operator calls
+    "pass-cost": dict(kind="llama", hidden=256, layers=2, intermediate=512, vocab=128256, heads=4, kv_heads=2,
+                      samples=4, seq_len=64, batch_size=4, r=8),
+    # published Llama-3 shapes (estimates on the meta device; gpu_memory builds a few blocks of the 8B)
+    "llama-3-8b": dict(kind="llama", hidden=4096, layers=32, intermediate=14336, vocab=128256, heads=32, kv_heads=8,
+                       samples=16, seq_len=512, batch_size=8, r=16),
+    "llama-3-70b": dict(kind="llama", hidden=8192, layers=80, intermediate=28672, vocab=128256, heads=64, kv_heads=8,
+                        samples=16, seq_len=512, batch_size=8, r=16),
 }
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_model(preset: dict, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """The preset's model with random weights, built on ``device`` (``"meta"``: no weights)."""
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the target device: much faster for large models on a GPU
         model = _make(preset)
@@ -31,7 +45,7 @@ def _make(preset: dict):
         config = LlamaConfig(vocab_size=preset["vocab"], hidden_size=preset["hidden"],
                              intermediate_size=preset["intermediate"], num_hidden_layers=preset["layers"],
                              num_attention_heads=preset["heads"], num_key_value_heads=preset["kv_heads"],
-                             max_position_embeddings=max(2048, preset["seq_len"]))
+                             max_position_embeddings=max(8192 if preset["hidden"] >= 4096 else 2048, preset["seq_len"]))
         return LlamaForCausalLM(config)
     else:
         config = GPT2Config(vocab_size=preset["vocab"], n_embd=preset["hidden"], n_layer=preset["layers"],
@@ -58,5 +72,5 @@ def calibration_batches(preset: dict, seed: int = 1, device="cpu"):
 def target_module_names(preset: dict) -> list[str]:
     """All linear layers of the transformer blocks (the suite's "all linear layers")."""
     if preset["kind"] == "llama":
-        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        return list(LLAMA_TARGETS)
     return ["c_attn", "c_proj", "c_fc"]

@@ -22,14 +22,15 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .models import PRESETS, build_model
+
 # operators that stall the host on a GPU: a scalar read, or an output whose size depends on values
 SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
                "repeat_interleave", "_assert_async"}
 SYNCING_METHODS = {"tolist", "cpu", "numpy"}
 METHODS = ["filet", "filet_full", "lora_ga", "lora_da"]
 OPTIONS = {"filet_projected": dict(method="filet", route="projected"), "filet_full": dict(method="filet", route="full")}
-PRESET = dict(kind="llama", hidden=256, layers=2, intermediate=512, vocab=128256, heads=4, kv_heads=2,
-              seq_len=64, batch_size=4, r=8)
+PRESET = PRESETS["pass-cost"]
 
 
 class OperatorCounter(TorchDispatchMode):
@@ -162,9 +163,7 @@ def per_batch(model, preset: dict, method: str, base_batches: int = 2, extra: in
 
 
 def build(preset: dict):
-    from .models import build_model
-
-    return build_model(dict(preset, samples=0))
+    return build_model(preset)
 
 
 def main(argv=None) -> dict:
