@@ -10,7 +10,7 @@ from torch import nn
 from .device_memory import available_memory  # noqa: F401  (the planner's; api reads it from here)
 from .layers import layer_dims, resolve_target_modules, update_rows
 from .methods import METHODS, InitMethod, lora_scale
-from .statistics.batches import CHUNK_ELEMENTS, output_logits, weighted_cross_entropy
+from .statistics.batches import loss_row_chunks, output_logits, weighted_cross_entropy
 from .statistics.collector import WEIGHT_ROWS
 
 
@@ -153,8 +153,7 @@ def _saved_tensor_bytes(model: nn.Module, names: list[str], batch_size: int, seq
                                    torch.ones(flat.shape[0], device="meta"))
             logits_bytes = logits.numel() * logits.element_size()
             held = 0 if id(logits._base if logits._base is not None else logits) in seen else logits_bytes
-            rows = max(1, CHUNK_ELEMENTS // max(1, flat.shape[-1]))
-            chunk_bytes = 4 * min(rows, flat.shape[0]) * flat.shape[-1]
+            chunk_bytes = 4 * flat.shape[-1] * max(rows.stop - rows.start for rows in loss_row_chunks(flat))
     finally:
         for handle in handles:
             handle.remove()

@@ -290,11 +290,18 @@ def loss_weights(labels: torch.Tensor, weighting: str,
     raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
 
 
-CHUNK_ELEMENTS = 2**24  # fp32 temporary of the loss: one 64 MiB chunk of rows at a time
+# the loss's fp32 temporary: a quarter of the logits, within [2²⁰, 2²⁴] entries (4 to 64 MiB): a few
+# chunks a batch (each costs a handful of kernel launches), never much memory beside the logits'
+CHUNK_ELEMENTS = 2**24
+MIN_CHUNK_ELEMENTS = 2**20
+CHUNKS = 4
 
 
-def _row_chunks(logits: torch.Tensor):
-    return row_blocks(logits.shape[0], max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1])))
+def loss_row_chunks(logits: torch.Tensor):
+    """The row blocks in which the loss widens logits (N, C) to fp32."""
+    rows, width = logits.shape[0], max(1, logits.shape[-1])
+    elements = min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, -(-rows * width // CHUNKS)))
+    return row_blocks(rows, max(1, elements // width))
 
 
 class _WeightedCrossEntropy(torch.autograd.Function):
@@ -309,21 +316,20 @@ class _WeightedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, weights, wants_gradient):
-        ignored = labels.eq(IGNORE_INDEX).unsqueeze(1)
-        picked_index = labels.clamp_min(0).unsqueeze(1)  # -100 -> 0: weight 0 there
+        index = labels.clamp_min(0).unsqueeze(1)  # -100 -> 0: weight 0 there
         weights = weights.unsqueeze(1)
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        log_p_label = torch.empty(labels.shape[0], 1, dtype=torch.float32, device=logits.device)
         grad = torch.empty_like(logits) if wants_gradient else None
-        for rows in _row_chunks(logits):
-            index, w = picked_index[rows], weights[rows]
+        negated = weights.neg() if wants_gradient else None
+        for rows in loss_row_chunks(logits):
             log_p = torch.log_softmax(logits[rows], 1, dtype=torch.float32)  # the chunk's one fp32 temporary
-            losses = log_p.gather(1, index).masked_fill_(ignored[rows], 0.0)
-            total -= losses.T.mm(w).squeeze()
+            chunk_index = index[rows]
+            torch.gather(log_p, 1, chunk_index, out=log_p_label[rows])
             if wants_gradient:  # F.cross_entropy's own backward: w·exp(log p) − w at the label
-                log_p.exp_().mul_(w).scatter_add_(1, index, w.neg())
+                log_p.exp_().mul_(weights[rows]).scatter_add_(1, chunk_index, negated[rows])
                 grad[rows].copy_(log_p)
         ctx.grad = grad
-        return total
+        return log_p_label.masked_fill_(labels.eq(IGNORE_INDEX).unsqueeze(1), 0.0).T.mm(weights).neg().squeeze()
 
     @staticmethod
     def backward(ctx, grad_total):
@@ -392,7 +398,7 @@ def sampled_label_loss(outputs, token_mask: torch.Tensor | None, generator: torc
     flat = logits.reshape(-1, logits.shape[-1])
     sampled = torch.empty(flat.shape[0], dtype=torch.long)
     with torch.no_grad():
-        for rows in _row_chunks(flat):
+        for rows in loss_row_chunks(flat):
             probs = torch.softmax(flat[rows].float(), dim=-1).cpu()
             sampled[rows] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     sampled = sampled.to(flat.device)
