@@ -1,0 +1,91 @@
+"""The README's and docs' result tables, rendered from the committed raw results, so that they
+cannot drift from them.
+
+    python -m benchmarks.tables            # rewrite every marked table in README.md and docs/*.md
+    python -m benchmarks.tables --check    # exit 1 if any marked table differs from its raw results
+
+A table sits between ``<!-- table: NAME -->`` and ``<!-- /table -->``; ``NAME`` is a key of
+:data:`TABLES`, each a function of the repository root that returns the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from .quality_core import markdown, summarise
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = ["README.md", "docs/benchmarks.md"]
+MARKER = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def pass_cost(root: Path) -> str:
+    """``benchmarks/results/pass_cost.json`` (``python -m benchmarks.pass_cost --json ...``)."""
+    report = json.loads((root / "benchmarks/results/pass_cost.json").read_text())
+    train = report["training"]
+    lines = [f"| method | operator calls per batch | × training fwd+bwd | host syncs per batch (the model's own "
+             f"{train['syncs']} included) |", "| --- | ---: | ---: | ---: |"]
+    for row in report["methods"]:
+        lines.append(f"| {row['method']} | {row['calls']:,.0f} | {row['calls'] / train['calls']:.2f}× | "
+                     f"{row['syncs']:g} |")
+    return "\n".join(lines)
+
+
+def _quality(path: Path) -> str:
+    data = json.loads(path.read_text())
+    runs = [dict(r, curve={int(k): v for k, v in r["curve"].items()}) for r in data["runs"]]
+    args = data["args"]
+    rows = summarise(runs, args["eval_steps"])
+    table = markdown(rows, args["eval_steps"], args["seeds"], header="")
+    return table.strip()
+
+
+def quality_siqa(root: Path) -> str:
+    """``benchmarks/results/quality_siqa/quality_siqa.json`` (the causal-LM benchmark)."""
+    data = json.loads((root / "benchmarks/results/quality_siqa/quality_siqa.json").read_text())
+    runs = data["runs"]
+    rates = ", ".join(f"{m} {next(r['lr'] for r in runs if r['method'] == m):g}"
+                      for m in dict.fromkeys(r["method"] for r in runs))
+    return (_quality(root / "benchmarks/results/quality_siqa/quality_siqa.json")
+            + f"\n\nBest learning rates (seed 0): {rates}.")
+
+
+TABLES = {"pass-cost": pass_cost, "quality-siqa": quality_siqa}
+
+
+def render(text: str, root: Path = ROOT) -> str:
+    """``text`` with every marked table replaced by its rendering."""
+    def table(match):
+        name = match.group("name")
+        if name not in TABLES:
+            raise KeyError(f"unknown table {name!r}; known: {sorted(TABLES)}")
+        return f"{match.group(1)}{TABLES[name](root)}\n{match.group(4)}"
+
+    return MARKER.sub(table, text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only report documents whose tables differ")
+    args = parser.parse_args(argv)
+    stale = []
+    for name in DOCUMENTS:
+        path = ROOT / name
+        text = path.read_text()
+        new = render(text)
+        if new != text:
+            stale.append(name)
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print(f"tables out of date in {', '.join(stale)}: run python -m benchmarks.tables")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
