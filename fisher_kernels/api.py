@@ -529,6 +529,10 @@ def init_lora(
             dict(num_batches=num_batches, loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend,
                  progress=progress, seed=seed, statistics=statistics, max_stats_memory=max_stats_memory,
                  micro_batch_size=micro_batch_size, distributed=distributed, **method_options))
+    if adapter_name != "default":
+        raise ValueError(f"adapter_name={adapter_name!r} names an adapter of an existing PeftModel; a base model gets "
+                         "PEFT's 'default' adapter (wrap it with peft.get_peft_model(model, config, adapter_name=...) "
+                         "first to initialise an adapter of another name)")
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
     if lora_config is not None:
@@ -620,7 +624,7 @@ def _init_existing_adapter(peft_model, loader, adapter_name, method, r, lora_alp
         written = apply_base_updates(base, report.layers, progress=progress)
         report.timings["peft"] = time.perf_counter() - t
         report.timings["total"] += report.timings["peft"]
-        _attach_report(peft_model, report)
+        _attach_report(peft_model, report, adapter_name)
     except BaseException:
         revert_base_updates(base, written)
         restore_adapter(layers, adapter_name, previous)
@@ -655,7 +659,7 @@ def _wire(model: nn.Module, report: InitReport, config, scale: float, progress: 
             peft_model.fisher_kernels_gradient_hooks = hooks
         report.timings["peft"] = time.perf_counter() - t
         report.timings["total"] += report.timings["peft"]
-        _attach_report(peft_model, report)
+        _attach_report(peft_model, report, "default")
         return peft_model
     except BaseException:
         for hook in hooks:
@@ -674,5 +678,10 @@ def _wire(model: nn.Module, report: InitReport, config, scale: float, progress: 
         raise
 
 
-def _attach_report(peft_model, report: InitReport) -> None:
+def _attach_report(peft_model, report: InitReport, adapter_name: str) -> None:
+    """The report on the model, and the adapter marked as initialised (``fisher_kernels_initialized``:
+    adapter name -> method), so that a second initialisation of it is refused."""
     peft_model.fisher_kernels_report = report
+    marks = dict(getattr(peft_model, "fisher_kernels_initialized", {}))
+    marks[adapter_name] = report.method
+    peft_model.fisher_kernels_initialized = marks

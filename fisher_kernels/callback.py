@@ -8,14 +8,18 @@ At ``on_train_begin`` (after the Trainer built its optimizer, before its first s
 callback initialises the model's LoRA adapter in place from a bounded number of batches of the
 trainer's own train dataloader (or of ``loader`` when given), as ``init_lora(peft_model, ...)``
 does: the optimizer keeps the same parameter objects. Gradient checkpointing is switched off for
-the calibration pass and back on after it. A resumed run (``global_step > 0``) is left alone.
+the calibration pass and back on after it. A resumed run (``global_step > 0``) is left alone, and
+so is an adapter initialised before (a second ``trainer.train()`` continues from the trained one).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 
 from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
 
 
 class FisherInitCallback(TrainerCallback):
@@ -61,6 +65,10 @@ class FisherInitCallback(TrainerCallback):
             raise ValueError("no calibration data: the trainer has no train dataloader; pass loader=...")
         batches = list(itertools.islice(loader, self.num_batches))  # re-iterable, and the same in every pass
         adapter = self.adapter_name or model.active_adapter
+        if adapter in getattr(model, "fisher_kernels_initialized", {}):
+            logger.info("FisherInitCallback: adapter %r was initialised before (an earlier train() call): left as "
+                        "trained", adapter)
+            return control
         base = model.get_base_model()
         checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
         if checkpointing:

@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from .peft_wiring import check_output_dirs
+
 REPORT_NAME = "fisher_kernels_report.json"
 
 
@@ -66,6 +68,8 @@ def command_init(args) -> None:
     from . import init_lora, save_residual_model
 
     options = json.loads(args.options) if args.options else {}
+    out = Path(args.out)
+    check_output_dirs(out / "adapter", out / "base", args.model)  # before any work: never overwrite the model
     rows = read_jsonl(args.data)  # bad data fails before any model is loaded
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -75,7 +79,6 @@ def command_init(args) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
     peft_model = init_lora(model, examples, method=args.method, r=args.r, lora_alpha=args.lora_alpha,
                            num_batches=args.num_batches, progress=True, **options)
-    out = Path(args.out)
     report = peft_model.fisher_kernels_report
     if report.residual_base:
         save_residual_model(peft_model, out / "adapter", out / "base")

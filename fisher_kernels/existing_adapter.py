@@ -29,6 +29,10 @@ def lora_layers_of(peft_model, adapter_name: str) -> dict[str, nn.Module]:
             if isinstance(module, LoraLayer) and adapter_name in module.lora_A}
 
 
+# PEFT initialisations that write a residual into the base weights when the adapter is created
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
 def check_adapter_config(peft_model, adapter_name: str, method: str, r, lora_alpha):
     """The adapter's ``LoraConfig``, refused when the method cannot initialise it."""
     from peft import LoraConfig
@@ -41,6 +45,16 @@ def check_adapter_config(peft_model, adapter_name: str, method: str, r, lora_alp
     for arg, value, configured in (("r", r, config.r), ("lora_alpha", lora_alpha, config.lora_alpha)):
         if value is not None and value != configured:
             raise ValueError(f"{arg}={value} disagrees with adapter {adapter_name!r}'s {arg}={configured}")
+    done = getattr(peft_model, "fisher_kernels_initialized", {})
+    if adapter_name in done:
+        raise ValueError(f"adapter {adapter_name!r} was already initialised by fisher_kernels ({done[adapter_name]}) and "
+                         "may have been trained since: initialising it again would overwrite it (and a residual method "
+                         "would subtract a second residual from the base weights); start again from the original model")
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
+        raise ValueError(f"adapter {adapter_name!r} was created with init_lora_weights={init!r}, which already replaced "
+                         "the base weights by a residual: initialising it again would change the model's outputs. "
+                         "Create the adapter with PEFT's default init_lora_weights=True and initialise that one")
     if config.rank_pattern or config.alpha_pattern:
         raise ValueError(f"adapter {adapter_name!r} has a rank_pattern/alpha_pattern, which is not supported yet")
     if getattr(config, "use_dora", False):

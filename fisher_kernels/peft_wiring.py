@@ -241,6 +241,27 @@ def revert_base_updates(model: nn.Module, done: list) -> None:
         add_low_rank_(_base_layer(model, name), P, Q, alpha=1.0)
 
 
+def check_output_dirs(adapter_dir, base_dir, source_dir=None) -> None:
+    """Refuse, before anything is written, output directories that cannot take the save: a path that
+    exists as a file, the same directory twice, or the directory the model was loaded from (its
+    weights would be overwritten by the residual ones)."""
+    import os
+
+    paths = {"adapter directory": adapter_dir, "base directory": base_dir}
+    for what, path in paths.items():
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"the {what} {path} exists and is not a directory: nothing was saved; choose another path")
+    if os.path.realpath(adapter_dir) == os.path.realpath(base_dir):
+        raise ValueError(f"the adapter and the residual base would both be written to {base_dir}: give two directories")
+    if source_dir and os.path.isdir(source_dir):
+        source = os.path.realpath(source_dir)
+        for what, path in paths.items():
+            target = os.path.realpath(path)
+            if source == target or source.startswith(target + os.sep):
+                raise ValueError(f"the {what} {path} is where the model was loaded from ({source_dir}): saving there "
+                                 "would overwrite its weights; choose another output directory")
+
+
 def save_residual_model(peft_model, adapter_dir: str, base_dir: str) -> None:
     """Save a model whose base weights the method changed: the adapter to ``adapter_dir`` (with
     ``fisher_kernels_report.json``, how it was made) and the residual base model
@@ -263,6 +284,8 @@ def save_residual_model(peft_model, adapter_dir: str, base_dir: str) -> None:
                         "checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict="
                         "True, cpu_offload=True)), ZeRO-3 with engine.save_16bit_model(...); the adapter alone saves "
                         "as usual (peft_model.save_pretrained)")
+    source = getattr(getattr(peft_model.get_base_model(), "config", None), "_name_or_path", None)
+    check_output_dirs(adapter_dir, base_dir, source)
     peft_model.save_pretrained(adapter_dir)
     report = getattr(peft_model, "fisher_kernels_report", None)
     if report is not None:  # how the adapter was made, beside it

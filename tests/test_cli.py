@@ -79,3 +79,46 @@ def test_errors_are_one_line(tmp_path, model_dir, capsys):
 def test_the_console_script_is_declared():
     pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["fisher-kernels"] == "fisher_kernels.cli:main"
+
+
+def _files(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_init_never_overwrites_the_model_it_loads(model_dir, data_file, tmp_path, capsys):
+    """``--out`` whose base directory is the model directory would overwrite its weights with W − s·B A."""
+    import shutil
+
+    source = tmp_path / "out" / "base"
+    shutil.copytree(model_dir, source)
+    before = _files(tmp_path / "out")
+    assert main(["init", str(source), str(data_file), "--r", "2", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "is where the model was loaded from" in err and "\n" not in err.strip()
+    assert _files(tmp_path / "out") == before
+
+
+def test_init_refuses_a_file_where_the_base_directory_goes(model_dir, data_file, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "base").write_text("in the way")
+    assert main(["init", str(model_dir), str(data_file), "--r", "2", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "base directory" in err and "exists and is not a directory" in err
+    assert not (tmp_path / "out" / "adapter").exists() and (tmp_path / "out" / "base").read_text() == "in the way"
+
+
+def test_save_residual_model_refuses_unusable_directories(model_dir, tmp_path):
+    from fisher_kernels import init_lora, save_residual_model
+
+    peft_model = init_lora(LlamaForCausalLM.from_pretrained(model_dir), [{"input_ids": torch.tensor([[3, 4, 5, 6]]),
+                                                                        "labels": torch.tensor([[3, 4, 5, 6]])}],
+                           r=2, target_modules=["q_proj"], progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        save_residual_model(peft_model, tmp_path / "adapter", tmp_path / "file")
+    with pytest.raises(ValueError, match="both be written to"):
+        save_residual_model(peft_model, tmp_path / "same", tmp_path / "same")
+    before = _files(model_dir)
+    with pytest.raises(ValueError, match="where the model was loaded from"):
+        save_residual_model(peft_model, tmp_path / "adapter", model_dir)
+    assert _files(model_dir) == before and not (tmp_path / "adapter").exists()

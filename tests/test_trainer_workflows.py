@@ -137,3 +137,58 @@ def test_callback_with_trl_sft_trainer(tmp_path):
     assert isinstance(trainer.model, PeftModel)
     assert callback.report is not None and callback.report.method == "lora_ga"
     assert sorted(callback.report.target_modules)[0].endswith("q_proj.base_layer")
+
+
+def test_an_adapter_initialised_once_is_not_initialised_again():
+    """A second init_lora on the same adapter would overwrite a (possibly trained) adapter and subtract a
+    second residual from the base: refused, the model untouched."""
+    batches = llama_batches()
+    peft_model = init_lora(make_model("llama"), batches, method="filet", r=2, target_modules=["q_proj"], progress=False)
+    assert peft_model.fisher_kernels_initialized == {"default": "filet"}
+    before = {n: p.clone() for n, p in peft_model.named_parameters()}
+    with pytest.raises(ValueError, match="adapter 'default' was already initialised by fisher_kernels"):
+        init_lora(peft_model, batches, method="filet", progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in peft_model.named_parameters())
+    existing = get_peft_model(make_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    init_lora(existing, batches, method="lora_ga", progress=False)
+    with pytest.raises(ValueError, match="already initialised by fisher_kernels \\(lora_ga\\)"):
+        init_lora(existing, batches, method="filet", progress=False)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_whose_base_peft_already_replaced_is_refused(init):
+    model = make_model("llama")
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init))
+    before = {n: p.clone() for n, p in peft_model.named_parameters()}
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}', which already replaced the base weights"):
+        init_lora(peft_model, llama_batches(), method="filet", progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in peft_model.named_parameters())
+
+
+def test_adapter_name_on_a_base_model_is_refused_not_ignored():
+    with pytest.raises(ValueError, match="adapter_name='mine' names an adapter of an existing PeftModel"):
+        init_lora(make_model("llama"), llama_batches(), adapter_name="mine", progress=False)
+
+
+def test_a_second_train_call_continues_from_the_trained_adapter(tmp_path, monkeypatch):
+    from transformers import Trainer, TrainingArguments
+
+    from fisher_kernels import api
+
+    calls = []
+    real = api.init_lora
+    monkeypatch.setattr(api, "init_lora", lambda *a, **k: calls.append(k.get("method")) or real(*a, **k))
+    samples = make_samples("llama", n=8)
+    peft_model = get_peft_model(make_model("llama"), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[],
+                             use_cpu=True, learning_rate=1e-3, save_strategy="no", logging_strategy="no",
+                             remove_unused_columns=False)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=_Rows(samples), data_collator=_collate,
+                      callbacks=[FisherInitCallback(method="filet", num_batches=2)])
+    trainer.train()
+    base = {n: p.clone() for n, p in peft_model.named_parameters() if "base_layer" in n}
+    trained = {n: p.clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+    trainer.train()  # starts at global_step 0 again
+    assert calls == ["filet"]
+    assert all(torch.equal(p, base[n]) for n, p in peft_model.named_parameters() if "base_layer" in n)
+    assert any(not torch.equal(p, trained[n]) for n, p in peft_model.named_parameters() if "lora_" in n)  # trained on
