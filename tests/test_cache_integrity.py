@@ -89,3 +89,35 @@ def test_a_loader_that_changes_between_passes_is_refused():
         compute_initialization(model, Reshuffled(), method="lora_da", r=2, max_stats_memory=30_000, progress=False)
     # the same data in every pass is fine
     compute_initialization(model, batches, method="lora_da", r=2, max_stats_memory=30_000, progress=False)
+
+
+@pytest.mark.parametrize("key", ["num_sequences", "num_tokens", "loss_units", "shared_input_factor"])
+def test_a_flipped_bit_in_a_header_value_is_refused(saved, tmp_path, key):
+    """A header count (e.g. the number of sequences, LoRA-DA's population) changed by one bit would
+    load and change the initialisation: the header has its own checksum."""
+    _, _, path = saved
+    data = bytearray(path.read_bytes())
+    header_length = int.from_bytes(data[:8], "little")
+    header = data[8:8 + header_length]
+    at = header.index(f'"{key}":"'.encode()) + len(key) + 4
+    while not chr(header[at]).isdigit():  # the first digit of the value
+        at += 1
+    data[8 + at] ^= 0x01  # '2' <-> '3', '4' <-> '5', ...: still a valid number
+    damaged = tmp_path / "header.safetensors"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"header\.safetensors: its header does not match its checksum") as err:
+        KFACStatistics.load(damaged)
+    assert "\n" not in str(err.value)
+
+
+def test_the_previous_format_without_a_header_checksum_is_refused_with_both_versions(saved, tmp_path):
+    from safetensors import safe_open
+
+    _, _, path = saved
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del metadata["header_checksum"]
+    metadata["format"] = "fisher_kernels.statistics/2"
+    save_file(tensors, str(tmp_path / "v2.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=r"format 'fisher_kernels.statistics/2', which fisher_kernels .* does not read"):
+        KFACStatistics.load(tmp_path / "v2.safetensors")

@@ -3,14 +3,16 @@
 Header (safetensors metadata, all strings): format, package version, model fingerprint (every
 weight of the model, hashed in full), fingerprint of the calibration batches, layer names,
 per-layer token counts, which layers share an input factor, batch and sequence counts, fisher,
-token-mask and loss-weighting settings, dtype, and a checksum of every stored tensor. Shared input
-factors are stored once. Loading refuses, each with a one-line error naming the file: a file that
+token-mask and loss-weighting settings, dtype, a checksum of every stored tensor and one of the
+header itself (format /3: a flipped bit in a count is refused too). Shared input factors are
+stored once. Loading refuses, each with a one-line error naming the file: a file that
 is not a statistics file or cannot be read, a format this version does not declare compatible, a
 tensor that does not match its checksum, and (given the model) statistics of another model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from safetensors import safe_open
@@ -20,8 +22,8 @@ from torch import nn
 from .._version import __version__
 from .fingerprint import model_fingerprint, tensor_hash
 
-FORMAT = "fisher_kernels.statistics/2"
-# formats this version reads: /1 (sampled fingerprint, no checksums) is not among them
+FORMAT = "fisher_kernels.statistics/3"
+# formats this version reads: /1 (sampled fingerprint, no checksums) and /2 (header not checksummed) are not among them
 COMPATIBLE_FORMATS = (FORMAT,)
 _FIELDS = ("input_factor", "output_factor", "output_factor_diag", "gradient",
            "input_projected_energy", "output_projected_energy")
@@ -54,6 +56,7 @@ def write_statistics(stats, path) -> None:
         "dtype": "float32",
         "checksums": json.dumps({key: f"{tensor_hash(value):016x}" for key, value in tensors.items()}),
     }
+    metadata["header_checksum"] = header_checksum(metadata)
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -79,6 +82,8 @@ def read_statistics(path, model: nn.Module | None = None, device=None) -> tuple[
         raise ValueError(f"{path} was written by fisher_kernels {metadata.get('package_version', '?')} in format "
                          f"{found!r}, which fisher_kernels {__version__} does not read (it reads "
                          f"{', '.join(COMPATIBLE_FORMATS)}): collect the statistics again")
+    if metadata.get("header_checksum") != header_checksum(metadata):
+        raise ValueError(f"{path}: its header does not match its checksum (the file is corrupted)")
     try:
         checksums = json.loads(metadata["checksums"])
         names = json.loads(metadata["layers"])
@@ -109,6 +114,12 @@ def read_statistics(path, model: nn.Module | None = None, device=None) -> tuple[
                 fisher=header["fisher"], token_mask=header["token_mask"], fingerprint=header["fingerprint"] or None,
                 loss_weighting=header["loss_weighting"], loss_units=int(header["loss_units"]),
                 data_fingerprint=header["data_fingerprint"] or None), layers
+
+
+def header_checksum(metadata: dict[str, str]) -> str:
+    """SHA-256 of every header entry but the checksum itself, in key order."""
+    entries = sorted((k, v) for k, v in metadata.items() if k != "header_checksum")
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 def _has_module(model: nn.Module, name: str) -> bool:
