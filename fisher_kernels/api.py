@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import math
 import numbers
 import time
 import warnings
@@ -90,9 +91,9 @@ class InitReport:
             json.dump(self.to_dict(), f, indent=1)
 
 
-def _check_rank(r) -> int:
+def _check_rank(r, name: str = "r") -> int:
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+        raise ValueError(f"{name} must be a positive integer, got {r!r}")
     return int(r)
 
 
@@ -554,12 +555,19 @@ def init_lora(
             raise ValueError(f"rank_budget needs scores of single directions that compare across layers (FILet's "
                              f"Fisher energies); method {method!r} computes one subspace per layer from statistics "
                              "that give no such score: use method='filet'")
-        rank_budget = _check_rank(rank_budget)
+        rank_budget = _check_rank(rank_budget, "rank_budget")
+        min_rank = _check_rank(min_rank, "min_rank")
+        max_rank = None if max_rank is None else _check_rank(max_rank, "max_rank")
+    elif min_rank != 1 or max_rank is not None:
+        raise ValueError("min_rank and max_rank bound the per-layer ranks of a rank_budget: pass rank_budget too "
+                         "(without it every layer gets r)")
         if r is None:
             r = max(1, round(rank_budget / len(resolve_target_modules(model, target_modules))))
     r = 16 if r is None else r
     _check_rank(r)
     lora_alpha = r if lora_alpha is None else lora_alpha
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
     if not lora_alpha > 0:
         raise ValueError(f"lora_alpha must be positive, got {lora_alpha!r}")
     use_rslora = bool(getattr(lora_config, "use_rslora", False))
@@ -580,7 +588,7 @@ def init_lora(
     computed_rank = r
     if rank_budget is not None:  # FILet's factors for the most directions any layer may get, then cut
         smallest = min(min(layer_dims(model.get_submodule(n))) for n in names)
-        max_rank = 4 * -(-rank_budget // len(names)) if max_rank is None else _check_rank(max_rank)
+        max_rank = 4 * -(-rank_budget // len(names)) if max_rank is None else max_rank
         computed_rank = min(max_rank, smallest)
     report = compute_initialization(
         model, loader, method=method, r=computed_rank, scale=scale, target_modules=names, num_batches=num_batches,

@@ -39,7 +39,8 @@ class FisherInitCallback(TrainerCallback):
 
     def __init__(self, loader=None, method: str = "filet", num_batches: int = 16, adapter_name: str | None = None,
                  **options):
-        if num_batches is not None and num_batches < 1:
+        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                        or num_batches < 1):
             raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
         for name in ("r", "lora_alpha", "target_modules", "lora_config"):
             if name in options:

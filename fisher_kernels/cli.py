@@ -69,6 +69,11 @@ def command_init(args) -> None:
 
     options = json.loads(args.options) if args.options else {}
     out = Path(args.out)
+    if not Path(args.model).is_dir():
+        raise ValueError(f"{args.model} is not a directory: give the local directory of a transformers model "
+                         "(with its config.json and tokenizer)")
+    if not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"{args.model} holds no config.json: it is not a transformers model directory")
     check_output_dirs(out / "adapter", out / "base", args.model)  # before any work: never overwrite the model
     rows = read_jsonl(args.data)  # bad data fails before any model is loaded
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -115,8 +120,14 @@ def command_plot(args) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise RuntimeError("plot needs matplotlib: pip install matplotlib") from None
-    with open(args.report) as f:
-        report = json.load(f)
+    try:
+        with open(args.report) as f:
+            report = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{args.report}: not JSON ({err})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("layers"), dict) or "method" not in report:
+        raise ValueError(f"{args.report} is not a fisher_kernels report (no 'method' and 'layers'): plot the "
+                         f"{REPORT_NAME} that 'fisher-kernels init' writes beside the adapter")
     layers = {name: info for name, info in report["layers"].items() if info.get("scores")}
     if not layers:
         raise ValueError(f"{args.report}: the report holds no per-candidate scores (method {report['method']!r})")

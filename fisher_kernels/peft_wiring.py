@@ -277,6 +277,10 @@ def save_residual_model(peft_model, adapter_dir: str, base_dir: str) -> None:
     """
     import os
 
+    from peft import PeftModel
+
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(f"save_residual_model saves a PeftModel (from init_lora), got {type(peft_model).__name__}")
     sharded = next((name for name, p in peft_model.named_parameters() if is_sharded(p) or is_partitioned(p)), None)
     if sharded is not None:
         raise TypeError(f"parameter {sharded!r} is sharded (FSDP2 / ZeRO-3): save_residual_model would write one "

@@ -1,0 +1,70 @@
+"""Bad input to the public entry points: each refused with one line naming the argument or file,
+and the model left as it was."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import assert_same_snapshot, snapshot
+from fisher_kernels import FisherInitCallback, init_lora, save_residual_model
+from fisher_kernels.cli import main
+from tiny_models import make_model, make_samples, pad_batches
+
+INIT_CASES = {  # keyword arguments: (exception, what the message must say)
+    "rank_budget=0": (dict(rank_budget=0), ValueError, "rank_budget must be a positive integer, got 0"),
+    "rank_budget=-5": (dict(rank_budget=-5), ValueError, "rank_budget must be a positive integer, got -5"),
+    "rank_budget=14.0": (dict(rank_budget=14.0), ValueError, "rank_budget must be a positive integer, got 14.0"),
+    "min_rank=0": (dict(rank_budget=20, min_rank=0), ValueError, "min_rank must be a positive integer, got 0"),
+    "max_rank=0": (dict(rank_budget=20, max_rank=0), ValueError, "max_rank must be a positive integer, got 0"),
+    "min_rank without budget": (dict(min_rank=2), ValueError, "min_rank and max_rank bound the per-layer ranks"),
+    "max_rank without budget": (dict(max_rank=4), ValueError, "pass rank_budget too"),
+    "lora_alpha='8'": (dict(lora_alpha="8"), ValueError, "lora_alpha must be a positive number, got '8'"),
+    "lora_alpha=inf": (dict(lora_alpha=float("inf")), ValueError, "lora_alpha must be a positive number, got inf"),
+    "lora_alpha=0": (dict(lora_alpha=0), ValueError, "lora_alpha must be positive"),
+    "r=0": (dict(r=0), ValueError, "r must be a positive integer, got 0"),
+    "adapter_name on a base model": (dict(adapter_name="mine"), ValueError, "adapter_name='mine'"),
+}
+
+
+@pytest.mark.parametrize("case", list(INIT_CASES))
+def test_init_lora_refuses_bad_arguments_in_one_line(case):
+    options, error, message = INIT_CASES[case]
+    model = make_model("llama")
+    before = snapshot(model)
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")) as raised:
+        init_lora(model, pad_batches(make_samples("llama", n=2), 2), progress=False, **options)
+    assert "\n" not in str(raised.value)
+    assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.parametrize("num_batches", [0, -1, 2.5, "2", True])
+def test_the_callback_refuses_a_bad_batch_count_when_made(num_batches):
+    with pytest.raises(ValueError, match=f"num_batches must be a positive integer, got {num_batches!r}"):
+        FisherInitCallback(num_batches=num_batches)
+
+
+def test_save_residual_model_refuses_a_plain_module(tmp_path):
+    with pytest.raises(TypeError, match="save_residual_model saves a PeftModel .* got LlamaForCausalLM"):
+        save_residual_model(make_model("llama"), tmp_path / "a", tmp_path / "b")
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_refuses_a_missing_or_foreign_model_directory_at_once(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "t3 t4"}\n')
+    assert main(["init", str(tmp_path / "nowhere"), str(data), "--out", str(tmp_path / "o")]) == 1
+    assert "nowhere is not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["init", str(tmp_path / "empty"), str(data), "--out", str(tmp_path / "o")]) == 1
+    assert "holds no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content", ['{"rows": []}', "[1, 2]", "not json"])
+def test_cli_plot_refuses_a_foreign_file_in_one_line(tmp_path, capsys, content):
+    report = tmp_path / "foreign.json"
+    report.write_text(content)
+    assert main(["plot", str(report), "--out", str(tmp_path / "plots")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "foreign.json" in err and "\n" not in err and "KeyError" not in err
