@@ -297,6 +297,13 @@ def compute_initialization(
     for key in ("decomposition", "statistics", "initialization"):
         report.timings[key] = 0.0
 
+    if statistics is not None:  # the statistics say how they were collected; a call asking otherwise is refused
+        for name, asked, default, collected in (("token_mask", token_mask, "attention", statistics.token_mask),
+                                                ("fisher", fisher, "empirical", statistics.fisher)):
+            if asked != default and asked != collected:
+                raise ValueError(f"{name}={asked!r}, but the given statistics were collected with {name}="
+                                 f"{collected!r}: collect them again with {name}={asked!r}, or leave {name} out")
+        report.options.update(token_mask=statistics.token_mask, fisher=statistics.fisher)
     needs_data = init_method.needs_data
     if needs_data and statistics is None and loader is None:
         raise ValueError(f"method {method!r} needs calibration data: pass a loader")

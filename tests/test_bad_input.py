@@ -68,3 +68,19 @@ def test_cli_plot_refuses_a_foreign_file_in_one_line(tmp_path, capsys, content):
     assert main(["plot", str(report), "--out", str(tmp_path / "plots")]) == 1
     err = capsys.readouterr().err.strip()
     assert "foreign.json" in err and "\n" not in err and "KeyError" not in err
+
+
+def test_statistics_of_other_settings_are_refused_and_the_report_records_theirs():
+    from fisher_kernels import collect_statistics, compute_initialization, full_statistics_requests
+
+    model = make_model("llama")
+    data = pad_batches(make_samples("llama", n=4), 2)
+    plain = collect_statistics(model, data, full_statistics_requests(model), progress=False)
+    with pytest.raises(ValueError, match="token_mask='labels', but the given statistics were collected with "
+                                         "token_mask='attention'"):
+        compute_initialization(model, method="filet", r=2, statistics=plain, token_mask="labels", progress=False)
+    stats = collect_statistics(model, data, full_statistics_requests(model), token_mask="labels", progress=False)
+    with pytest.raises(ValueError, match="fisher='true', but the given statistics were collected with fisher='empirical'"):
+        compute_initialization(model, method="filet", r=2, statistics=stats, fisher="true", progress=False)
+    report = compute_initialization(model, method="filet", r=2, statistics=stats, progress=False)
+    assert report.options["token_mask"] == "labels" and report.options["fisher"] == "empirical"
