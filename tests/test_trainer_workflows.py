@@ -192,3 +192,56 @@ def test_a_second_train_call_continues_from_the_trained_adapter(tmp_path, monkey
     assert calls == ["filet"]
     assert all(torch.equal(p, base[n]) for n, p in peft_model.named_parameters() if "base_layer" in n)
     assert any(not torch.equal(p, trained[n]) for n, p in peft_model.named_parameters() if "lora_" in n)  # trained on
+
+
+def _checkpointing_trainer(tmp_path, peft_model, samples, callback, max_steps):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=max_steps,
+                             report_to=[], use_cpu=True, learning_rate=1e-2, save_strategy="steps", save_steps=2,
+                             logging_strategy="no", remove_unused_columns=False)
+    return Trainer(model=peft_model, args=args, train_dataset=_Rows(samples), data_collator=_collate,
+                   callbacks=[callback])
+
+
+def test_a_resumed_residual_run_trains_on_the_residual_base_it_started(tmp_path):
+    """The checkpoint holds the adapter only; the run's base was W − s·B₀A₀. Resuming on a fresh
+    PeftModel of the original weights writes the residual again (from the checkpoint's
+    fisher_kernels_residual.safetensors) before the first step: the resumed model equals the one
+    checkpointed, where it used to be 0.18 off in its logits."""
+    from fisher_kernels.callback import RESIDUAL_FILE
+
+    samples = make_samples("llama", n=8)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    first = get_peft_model(make_model("llama"), copy.deepcopy(config))
+    _checkpointing_trainer(tmp_path, first, samples, FisherInitCallback(method="filet", num_batches=2), 2).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert (checkpoint / RESIDUAL_FILE).exists()
+    batch = llama_batches()[0]
+    trained = logits(first, batch)
+
+    resumed = get_peft_model(make_model("llama"), copy.deepcopy(config))  # the original weights again
+    assert not torch.allclose(logits(resumed, batch), trained, atol=1e-2)
+    trainer = _checkpointing_trainer(tmp_path, resumed, samples, FisherInitCallback(method="filet", num_batches=2), 2)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert torch.allclose(logits(resumed, batch), trained, atol=1e-5)
+    # resuming again on the same (now residual) model writes nothing twice
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert torch.allclose(logits(resumed, batch), trained, atol=1e-5)
+
+
+def test_a_resumed_residual_run_without_its_residual_is_refused(tmp_path):
+    from fisher_kernels.callback import RESIDUAL_FILE
+
+    samples = make_samples("llama", n=8)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
+    first = get_peft_model(make_model("llama"), copy.deepcopy(config))
+    _checkpointing_trainer(tmp_path, first, samples, FisherInitCallback(method="pissa", num_batches=1), 2).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    (checkpoint / RESIDUAL_FILE).unlink()
+    resumed = get_peft_model(make_model("llama"), copy.deepcopy(config))
+    before = {n: p.clone() for n, p in resumed.named_parameters() if "base_layer" in n}
+    trainer = _checkpointing_trainer(tmp_path, resumed, samples, FisherInitCallback(method="pissa"), 2)
+    with pytest.raises(ValueError, match="trained against a residual base .* no fisher_kernels_residual.safetensors"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert all(torch.equal(p, before[n]) for n, p in resumed.named_parameters() if "base_layer" in n)
