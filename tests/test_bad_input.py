@@ -1,10 +1,8 @@
 """Bad input to the public entry points: each refused with one line naming the argument or file,
 and the model left as it was."""
 
-import json
 
 import pytest
-import torch
 
 from conftest import assert_same_snapshot, snapshot
 from fisher_kernels import FisherInitCallback, init_lora, save_residual_model
