@@ -296,5 +296,24 @@ def save_residual_model(peft_model, adapter_dir: str, base_dir: str) -> None:
         report.save(os.path.join(str(adapter_dir), "fisher_kernels_report.json"))
     base = copy.deepcopy(peft_model).unload()
     base.save_pretrained(base_dir)
+    _point_adapter_configs_at(adapter_dir, base_dir)
+
+
+def _point_adapter_configs_at(adapter_dir, base_dir) -> None:
+    """``base_model_name_or_path`` of every adapter config saved under ``adapter_dir`` names the
+    residual base, so that ``AutoPeftModel...from_pretrained(adapter_dir)`` loads the adapter onto the
+    weights it was made for, not the original ones (46 logits off on SmolLM2)."""
+    import json
+    import os
+
+    for folder, _, files in os.walk(str(adapter_dir)):
+        if "adapter_config.json" in files:
+            path = os.path.join(folder, "adapter_config.json")
+            with open(path) as f:
+                config = json.load(f)
+            config["base_model_name_or_path"] = os.path.abspath(str(base_dir))
+            with open(path + ".partial", "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+            os.replace(path + ".partial", path)
 
 

@@ -122,3 +122,18 @@ def test_save_residual_model_refuses_unusable_directories(model_dir, tmp_path):
     with pytest.raises(ValueError, match="where the model was loaded from"):
         save_residual_model(peft_model, tmp_path / "adapter", model_dir)
     assert _files(model_dir) == before and not (tmp_path / "adapter").exists()
+
+
+def test_a_saved_residual_adapter_loads_with_autopeftmodel_onto_its_residual_base(model_dir, data_file, tmp_path):
+    """PEFT users load adapters with AutoPeftModel...from_pretrained(adapter_dir), which reads the base
+    model from the adapter config: it must be the residual base, not the original model."""
+    from peft import AutoPeftModelForCausalLM
+
+    assert main(["init", str(model_dir), str(data_file), "--method", "filet", "--r", "2", "--out",
+                 str(tmp_path / "out")]) == 0
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == (tmp_path / "out" / "base").resolve()
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out" / "adapter")
+    ids = torch.tensor([[3, 8, 13, 18, 23]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, make_model("llama")(input_ids=ids).logits, atol=1e-5)
