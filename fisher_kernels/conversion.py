@@ -18,6 +18,32 @@ import os
 
 import torch
 
+INITIAL_ADAPTER_FILE = "fisher_kernels_initial_adapter.safetensors"
+
+
+def save_initial_adapter(initial_adapter: dict, directory) -> None:
+    """Write ``{layer: (lora_A₀, lora_B₀)}`` to ``directory/fisher_kernels_initial_adapter.safetensors``."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for layer, (A0, B0) in initial_adapter.items():
+        tensors[f"{layer}::A"], tensors[f"{layer}::B"] = A0.contiguous(), B0.contiguous()
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(str(directory), INITIAL_ADAPTER_FILE))
+
+
+def load_initial_adapter(path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The initial adapter saved by :func:`save_initial_adapter` (``path``: the file or its directory)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(str(path), INITIAL_ADAPTER_FILE) if os.path.isdir(str(path)) else str(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: the initial adapter is saved beside the adapter by "
+                         "save_residual_model (and 'fisher-kernels init')")
+    tensors = load_file(path)
+    layers = dict.fromkeys(key.rpartition("::")[0] for key in tensors)
+    return {layer: (tensors[f"{layer}::A"], tensors[f"{layer}::B"]) for layer in layers}
+
 
 def snapshot_adapter(peft_model, adapter: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """CPU copies of every LoRA layer's ``(lora_A, lora_B)`` of ``adapter``, keyed by layer name."""
@@ -36,19 +62,25 @@ def snapshot_adapter(peft_model, adapter: str = "default") -> dict[str, tuple[to
 def save_as_plain_lora(peft_model, output_dir, initial_adapter=None, adapter: str = "default") -> None:
     """Save the trained ``peft_model`` as a plain LoRA adapter (rank 2r) for the original model.
 
-    ``initial_adapter``: ``{layer: (lora_A₀, lora_B₀)}`` as initialised; by default the snapshot
-    ``init_lora`` kept in ``peft_model.fisher_kernels_report.initial_adapter``. Load the result
-    with ``PeftModel.from_pretrained(original_model, output_dir)``.
+    ``initial_adapter``: ``{layer: (lora_A₀, lora_B₀)}`` as initialised, or the directory of an
+    adapter saved by :func:`fisher_kernels.save_residual_model` (which keeps them beside it, for a
+    model reloaded from disk); by default the snapshot ``init_lora`` kept in
+    ``peft_model.fisher_kernels_report.initial_adapter``. Load the result with
+    ``PeftModel.from_pretrained(original_model, output_dir)``.
     """
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    if isinstance(initial_adapter, (str, os.PathLike)):
+        initial_adapter = load_initial_adapter(initial_adapter)
     if initial_adapter is None:
         report = getattr(peft_model, "fisher_kernels_report", None)
         initial_adapter = getattr(report, "initial_adapter", None)
         if not initial_adapter:
-            raise ValueError("no initial adapter: pass initial_adapter=..., or use a model from init_lora with a "
-                             "method that changes the base weight")
+            raise ValueError("no initial adapter: a model reloaded from disk has none in memory; pass "
+                             "initial_adapter='<the adapter directory save_residual_model wrote>' (it holds "
+                             f"{INITIAL_ADAPTER_FILE}), or a model from init_lora with a method that changes the base "
+                             "weight")
     config = copy.deepcopy(peft_model.peft_config[adapter])
     if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
         raise ValueError("rank_pattern / alpha_pattern adapters are not supported by this conversion")

@@ -12,6 +12,7 @@ import warnings
 import torch
 from torch import nn
 
+from .conversion import save_initial_adapter
 from .layers import row_blocks, update_rows, weight_matrix
 from .sharded import is_partitioned, is_sharded, local_update_factors, modify_whole_
 from .methods import LayerInit
@@ -294,6 +295,8 @@ def save_residual_model(peft_model, adapter_dir: str, base_dir: str) -> None:
     report = getattr(peft_model, "fisher_kernels_report", None)
     if report is not None:  # how the adapter was made, beside it
         report.save(os.path.join(str(adapter_dir), "fisher_kernels_report.json"))
+        if report.initial_adapter:  # what save_as_plain_lora needs after a reload
+            save_initial_adapter(report.initial_adapter, adapter_dir)
     base = copy.deepcopy(peft_model).unload()
     base.save_pretrained(base_dir)
     _point_adapter_configs_at(adapter_dir, base_dir)

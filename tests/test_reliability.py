@@ -129,3 +129,29 @@ def test_conversion_needs_the_initial_adapter(tmp_path):
     peft_model = init_lora(make_model("llama"), None, method="gaussian", r=2, progress=False)
     with pytest.raises(ValueError, match="no initial adapter"):
         save_as_plain_lora(peft_model, tmp_path / "plain")
+
+
+def test_an_adapter_reloaded_from_disk_converts_with_the_initial_adapter_saved_beside_it(tmp_path):
+    """The PEFT habit: save, reload in another process, convert. save_residual_model keeps the initial
+    factors beside the adapter; save_as_plain_lora takes that directory."""
+    from transformers import LlamaForCausalLM
+
+    from fisher_kernels import save_residual_model
+
+    original = make_model("llama")
+    data = batches(n=4, bs=4)
+    peft_model = init_lora(copy.deepcopy(original), data, method="filet", r=3, lora_alpha=6, progress=False)
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        peft_model(**data[0]).loss.backward()
+        optimizer.step()
+    save_residual_model(peft_model, tmp_path / "adapter", tmp_path / "base")
+    reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    with pytest.raises(ValueError, match="a model reloaded from disk has none in memory; pass initial_adapter="):
+        save_as_plain_lora(reloaded, tmp_path / "plain")
+    save_as_plain_lora(reloaded, tmp_path / "plain", initial_adapter=tmp_path / "adapter")
+    plain = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "plain")
+    inputs = {k: v for k, v in data[0].items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.allclose(plain(**inputs).logits, peft_model(**inputs).logits, atol=1e-4)
