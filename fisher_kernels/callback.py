@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -135,6 +136,17 @@ class FisherInitCallback(TrainerCallback):
         metadata = {"method": str(self.method), "layers": json.dumps(names),
                     "residual_sums": json.dumps(_weight_sums(base, names))}
         save_file(self._residual, os.path.join(folder, RESIDUAL_FILE), metadata=metadata)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """A residual method changed the base weights: the trained adapter alone is wrong on the
+        original model, so say how to save what reproduces the trained model."""
+        if self._residual is not None:
+            warnings.warn(f"FisherInitCallback: {self.method!r} wrote W − s·B₀A₀ into the base weights, so the adapter "
+                          "that trainer.save_model() writes is only right on that residual base: save with "
+                          "fisher_kernels.save_residual_model(model, adapter_dir, base_dir), or convert it for the "
+                          "original model with fisher_kernels.save_as_plain_lora(model, out_dir)", UserWarning,
+                          stacklevel=2)
         return control
 
     def _restore_residual(self, args, state, model) -> None:
