@@ -18,12 +18,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
 from .peft_wiring import check_output_dirs
 
 REPORT_NAME = "fisher_kernels_report.json"
+
+
+def _json_options(text: str | None) -> dict:
+    """``--options``: a JSON object of method options."""
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--options must be a JSON object such as '{{\"energy\": \"component\"}}' ({err.msg}: "
+                         f"{text!r})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a JSON object of method options, got {text!r}")
+    return options
+
+
+def _memory(text: str):
+    """``--max-stats-memory``: bytes, or ``auto``."""
+    return text if text == "auto" else int(text)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -65,9 +85,12 @@ def command_init(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import init_lora, save_residual_model
+    from peft import LoraConfig
 
-    options = json.loads(args.options) if args.options else {}
+    from . import init_lora, save_residual_model
+    from .statistics.batches import CollatedExamples
+
+    options = _json_options(args.options)
     out = Path(args.out)
     if not Path(args.model).is_dir():
         raise ValueError(f"{args.model} is not a directory: give the local directory of a transformers model "
@@ -79,11 +102,22 @@ def command_init(args) -> None:
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     examples = tokenise(rows, tokenizer, args.max_length)
+    if args.shuffle:  # else --num-batches takes the first examples of the file
+        random.Random(args.seed).shuffle(examples)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    peft_model = init_lora(model, examples, method=args.method, r=args.r, lora_alpha=args.lora_alpha,
-                           num_batches=args.num_batches, progress=True, **options)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    loader = CollatedExamples(examples, int(pad_id), batch_size=args.batch_size)
+    lora_config = LoraConfig(r=args.r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.r,
+                             lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
+                             target_modules=args.target_modules.split(",") if args.target_modules else None)
+    budget = dict(rank_budget=args.rank_budget, min_rank=args.min_rank, max_rank=args.max_rank) \
+        if args.rank_budget is not None else {}
+    peft_model = init_lora(model, loader, method=args.method, lora_config=lora_config, num_batches=args.num_batches,
+                           token_mask=args.token_mask, fisher=args.fisher, seed=args.seed,
+                           micro_batch_size=args.micro_batch_size, max_stats_memory=args.max_stats_memory,
+                           progress=True, **budget, **options)
     report = peft_model.fisher_kernels_report
     if report.residual_base:
         save_residual_model(peft_model, out / "adapter", out / "base")
@@ -175,7 +209,25 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--r", type=int, default=16)
     init.add_argument("--lora-alpha", type=float, default=None)
     init.add_argument("--max-length", type=int, default=512, help="tokens per example (truncated)")
-    init.add_argument("--num-batches", type=int, default=None, help="use at most this many batches of 8 examples")
+    init.add_argument("--num-batches", type=int, default=None, help="use at most this many batches (default: all)")
+    init.add_argument("--batch-size", type=int, default=8, help="examples per calibration batch (default 8)")
+    init.add_argument("--micro-batch-size", type=int, default=None,
+                      help="run each batch as forward+backward passes of at most this many examples (less memory)")
+    init.add_argument("--shuffle", action="store_true", help="shuffle the examples (with --seed) before batching")
+    init.add_argument("--seed", type=int, default=0, help="seed of --shuffle and of the method (default 0)")
+    init.add_argument("--target-modules", default=None,
+                      help="comma-separated layer names, as LoraConfig's target_modules (default: every linear "
+                           "layer of the blocks)")
+    init.add_argument("--lora-dropout", type=float, default=0.0)
+    init.add_argument("--token-mask", default="attention", choices=["attention", "labels"],
+                      help="which tokens the statistics count (default: every non-padding token)")
+    init.add_argument("--fisher", default="empirical", choices=["empirical", "true"])
+    init.add_argument("--rank-budget", type=int, default=None,
+                      help="FILet: the total rank over all layers, spread by Fisher energy")
+    init.add_argument("--min-rank", type=int, default=1, help="with --rank-budget: the least rank of a layer")
+    init.add_argument("--max-rank", type=int, default=None, help="with --rank-budget: the most rank of a layer")
+    init.add_argument("--max-stats-memory", type=_memory, default=None,
+                      help="bytes of statistics held at once, or 'auto' (several passes when they do not fit)")
     init.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     init.add_argument("--device", default="cuda" if _cuda() else "cpu")
     init.add_argument("--options", default=None, help='method options as JSON, e.g. \'{"energy": "component"}\'')

@@ -137,3 +137,25 @@ def test_a_saved_residual_adapter_loads_with_autopeftmodel_onto_its_residual_bas
     ids = torch.tensor([[3, 8, 13, 18, 23]])
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, make_model("llama")(input_ids=ids).logits, atol=1e-5)
+
+
+def test_init_exposes_the_api_options(model_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(["init", str(model_dir), str(data_file), "--method", "filet", "--r", "2", "--out", str(out),
+                 "--target-modules", "q_proj,v_proj", "--lora-dropout", "0.1", "--batch-size", "3",
+                 "--micro-batch-size", "1", "--token-mask", "labels", "--rank-budget", "9", "--max-rank", "3",
+                 "--shuffle", "--seed", "5", "--num-batches", "2", "--max-stats-memory", "auto"]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["lora_dropout"] == 0.1
+    assert sorted(config["target_modules"]) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                                                "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    report = json.loads((out / "adapter" / REPORT_NAME).read_text())
+    assert report["num_batches"] == 2 and report["options"]["token_mask"] == "labels"
+    assert sum(layer["rank"] for layer in report["layers"].values()) == 9  # the budget, spread over 4 layers
+    assert report["options"]["micro_batch_size"] == 1
+
+
+def test_init_refuses_options_that_are_not_a_json_object_in_one_line(model_dir, data_file, tmp_path, capsys):
+    assert main(["init", str(model_dir), str(data_file), "--out", str(tmp_path / "o"), "--options", "energy=component"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--options must be a JSON object" in err and "\n" not in err and "JSONDecodeError" not in err
