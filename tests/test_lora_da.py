@@ -139,13 +139,20 @@ def test_lora_da_rejects_bad_options():
         compute_initialization(model, [], method="lora_da", r=2, energy="direction")
 
 
-def test_lora_da_clips_rounding_negative_eigenvalues_of_the_input_factor_with_a_warning():
+def test_lora_da_clips_rounding_negative_eigenvalues_of_the_input_factor_with_a_debug_line(caplog):
+    """Nothing a user can act on: a debug line per layer, no warning."""
+    import logging
+    import warnings
+
     from fisher_kernels.methods.lora_da import LoraDA
 
     method = LoraDA(2, 1.0)
     Q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
     A = (Q * torch.tensor([3.0, 1.0, 0.0, -1e-5], dtype=torch.float64)) @ Q.T  # PSD up to rounding
-    with pytest.warns(RuntimeWarning, match="slightly negative eigenvalues .* clipped to zero"):
+    with warnings.catch_warnings(), caplog.at_level(logging.DEBUG, logger="fisher_kernels.methods.lora_da"):
+        warnings.simplefilter("error")
         L = method._damped_cholesky("layer", A.float())
+    assert "slightly negative eigenvalues" in caplog.text and "clipped to zero" in caplog.text
+    assert method.clipped_layers == ["layer"]
     expected = (Q * torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=torch.float64)) @ Q.T + 1e-6 * torch.eye(4, dtype=torch.float64)
     assert torch.allclose(L @ L.T, expected, atol=1e-6)

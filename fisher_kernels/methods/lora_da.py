@@ -24,14 +24,16 @@ temporaries of one input width are alive at a time.
 
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 
 import torch
 
 from ..solvers import lobpcg_extreme
 from ..statistics import StatisticsRequest
 from .common import InitMethod, LayerInit, residual_update
+
+logger = logging.getLogger(__name__)
 
 
 def top_singular_value(matrix: torch.Tensor, max_iter: int = 200, rtol: float = 1e-7,
@@ -97,6 +99,7 @@ class LoraDA(InitMethod):
             raise ValueError(f"population_size must be a positive integer, got {population_size}")
         self.bias_strength, self.variance_strength = bias_strength, variance_strength
         self.input_damping, self.output_damping, self.stable_gamma = input_damping, output_damping, stable_gamma
+        self.clipped_layers: list[str] = []  # layers whose input factor had rounding-negative eigenvalues
         self.population_size, self.normalize, self.solver = population_size, normalize, solver
         self.residual_base = bool(residual_base)
 
@@ -134,9 +137,10 @@ class LoraDA(InitMethod):
         values, vectors = torch.linalg.eigh(Z.copy_(input_factor))
         del Z
         clipped = int((values < 0).sum())
-        warnings.warn(f"layer {name!r}: the input factor A has {clipped} slightly negative eigenvalues from float32 "
-                      f"rounding (down to {values.min().item():.2e}; damping {self.input_damping:g}); they are "
-                      "clipped to zero", RuntimeWarning, stacklevel=2)
+        self.clipped_layers.append(name)  # nothing a user can act on: one debug line per layer, one summary
+        logger.debug("layer %r: the input factor A has %d slightly negative eigenvalues from float32 rounding "
+                     "(down to %.2e; damping %g); they are clipped to zero", name, clipped, values.min().item(),
+                     self.input_damping)
         Z = vectors.mul_(values.clamp_min(0).sqrt()) @ vectors.T  # V Λ₊ Vᵀ as (V √Λ₊)(V √Λ₊)ᵀ
         del vectors
         Z.diagonal().add_(self.input_damping)
@@ -195,6 +199,9 @@ class LoraDA(InitMethod):
                 lora_A, lora_B = lora_A.to(W.device), lora_B.to(W.device)
                 update = residual_update(lora_A, lora_B, self.scale) if self.residual_base else None
                 yield name, LayerInit(lora_A, lora_B, update)
+        if self.clipped_layers:
+            logger.debug("LoRA-DA: the input factors of %d layers had rounding-negative eigenvalues, clipped to zero",
+                         len(self.clipped_layers))
 
 
 def _input_groups(weights, stats) -> list[list[str]]:
