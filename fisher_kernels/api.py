@@ -6,12 +6,14 @@ import contextvars
 import functools
 import math
 import numbers
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .conversion import snapshot_adapter
 from .existing_adapter import (check_adapter_config, lora_layers_of, restore_adapter, warn_about_shared_bases,
@@ -322,6 +324,12 @@ def compute_initialization(
                              "so the loader must be re-iterable (a DataLoader or a list, not a generator)")
         report.memory_plan += f"; {len(groups)} calibration pass{'es' if len(groups) > 1 else ''}"
 
+    if progress:  # what is about to happen, before the first stage
+        count = num_batches if num_batches is not None else (len(loader) if hasattr(loader, "__len__") else None)
+        data = (f"{count} calibration batch{'es' if count != 1 else ''}" if count is not None else "calibration data"
+                ) if needs_data and statistics is None else "no calibration pass"
+        tqdm.write(f"fisher_kernels: {method}, r {r}, {len(names)} layers; {data}; {report.memory_plan}",
+                   file=sys.stderr)
     if sharding and distributed is False:
         raise ValueError(f"the model is sharded ({sharding}): every rank holds a part of each weight, so every rank "
                          "must take part; distributed=False is not possible")
@@ -345,7 +353,8 @@ def compute_initialization(
                                  owner, rank)
             prepared = broadcast_results(mine, owner, group, device)
         else:
-            prepared = {n: init_method.prepare(n, weights[n]) for n in group}
+            prepared = {n: init_method.prepare(n, weights[n])
+                        for n in _stage(group, "decomposition", progress and init_method.prepares)}
         report.prepared_bytes = max(report.prepared_bytes, sum(_nbytes(p) for p in prepared.values()))
         report.timings["decomposition"] += time.perf_counter() - t
         stats = None
@@ -388,7 +397,8 @@ def compute_initialization(
                                                        statistics), owner, rank)
                 report.layers.update(broadcast_results(mine, owner, group, device))
             else:
-                report.layers.update(_initialized(init_method, weights, group, stats, prepared, statistics))
+                report.layers.update(_stage(_initialized(init_method, weights, group, stats, prepared, statistics),
+                                            "initialisation", progress, total=len(group)))
         report.timings["initialization"] += time.perf_counter() - t
         del stats, prepared
     if split or sharding:  # no rank leaves while another still receives what it sent (gloo aborts then)
@@ -398,6 +408,11 @@ def compute_initialization(
     report.stats_bytes = max(report.stats_bytes_per_group, default=0)
     report.timings["total"] = time.perf_counter() - start
     return report
+
+
+def _stage(items, name: str, progress: bool, total: int | None = None):
+    """``items`` with a progress bar named after the stage, shown once the stage has taken a second."""
+    return tqdm(items, desc=f"fisher_kernels: {name}", unit="layer", total=total, delay=1.0, disable=not progress)
 
 
 def _nbytes(value) -> int:

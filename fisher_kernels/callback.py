@@ -109,7 +109,9 @@ class FisherInitCallback(TrainerCallback):
         if checkpointing:
             base.gradient_checkpointing_disable()
         try:
-            init_lora(model, batches, method=self.method, adapter_name=adapter, progress=False, **self.options)
+            options = dict(self.options)
+            init_lora(model, batches, method=self.method, adapter_name=adapter,
+                      progress=options.pop("progress", args.disable_tqdm is not True), **options)
         finally:
             if checkpointing:
                 base.gradient_checkpointing_enable(

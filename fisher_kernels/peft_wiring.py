@@ -104,7 +104,9 @@ def wrap_with_lora(model: nn.Module, inits: dict[str, LayerInit], config, scale:
     from peft import get_peft_model
 
     kasa = getattr(config, "kasa_config", None) is not None
-    peft_model = get_peft_model(model, config, low_cpu_mem_usage=kasa)
+    with warnings.catch_warnings():  # PEFT reads a property transformers deprecated: not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, config, low_cpu_mem_usage=kasa)
     adapter = peft_model.active_adapter
     try:
         for name, init in inits.items():
