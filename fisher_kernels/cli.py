@@ -46,18 +46,34 @@ def _memory(text: str):
     return text if text == "auto" else int(text)
 
 
+def _check_row(row, where: str) -> None:
+    if not isinstance(row, dict) or not ({"text", "messages"} & set(row)):
+        raise ValueError(f"{where}: expected an object with 'text' or 'messages'")
+    if "text" in row and not isinstance(row["text"], str):
+        raise ValueError(f"{where}: 'text' must be a string, got {type(row['text']).__name__}")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ValueError(f"{where}: 'messages' must be a list of {{'role': str, 'content': str}} objects")
+
+
 def read_jsonl(path) -> list[dict]:
     rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not ({"text", "messages"} & set(row)):
-                raise ValueError(f"{path}:{number}: expected an object with 'text' or 'messages'")
+            _check_row(row, f"{path}:{number}")
             rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no examples")

@@ -3,6 +3,7 @@ and the model left as it was."""
 
 
 import pytest
+import torch
 
 from conftest import assert_same_snapshot, snapshot
 from fisher_kernels import FisherInitCallback, init_lora, save_residual_model
@@ -82,3 +83,43 @@ def test_statistics_of_other_settings_are_refused_and_the_report_records_theirs(
         compute_initialization(model, method="filet", r=2, statistics=stats, fisher="true", progress=False)
     report = compute_initialization(model, method="filet", r=2, statistics=stats, progress=False)
     assert report.options["token_mask"] == "labels" and report.options["fisher"] == "empirical"
+
+
+@pytest.mark.parametrize("batch,message", [
+    ({"input_ids": torch.full((2, 5), 99), "labels": torch.full((2, 5), 3)},
+     "input ids range from 99 to 99, outside the model's vocabulary of 61"),
+    ({"input_ids": torch.zeros((0, 5), dtype=torch.long),
+      "labels": torch.zeros((0, 5), dtype=torch.long)}, "batch 0 is empty"),
+    ({"input_ids": torch.zeros((2, 0), dtype=torch.long),
+      "labels": torch.zeros((2, 0), dtype=torch.long)}, "batch 0 is empty"),
+])
+def test_bad_batches_are_named_in_one_line(batch, message):
+    model = make_model("llama")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message) as raised:
+        init_lora(model, [batch], r=2, progress=False)
+    assert "\n" not in str(raised.value) and "batch 0" in str(raised.value)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_estimate_refuses_a_rank_that_init_refuses():
+    from fisher_kernels import estimate_memory
+
+    with pytest.raises(ValueError, match="r=1000 is larger than min\\(d_out, d_in\\)"):
+        estimate_memory(make_model("llama"), method="filet", r=1000)
+
+
+@pytest.mark.parametrize("line,message", [
+    (b'{"text": 5}', "'text' must be a string, got int"),
+    (b'{"text": null}', "'text' must be a string, got NoneType"),
+    (b'{"messages": "hi"}', "'messages' must be a list of"),
+    (b'{"messages": [{"role": "user"}]}', "'messages' must be a list of"),
+    (b'{"text": "caf\xe9"}', "not UTF-8 text"),
+])
+def test_cli_names_the_file_and_line_of_bad_data(tmp_path, capsys, line, message):
+    from fisher_kernels.cli import read_jsonl
+
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"text": "fine"}\n' + line + b"\n")
+    with pytest.raises(ValueError, match=f"d.jsonl:2: .*{message}".replace("(", r"\(")):
+        read_jsonl(data)

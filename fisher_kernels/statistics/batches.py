@@ -200,6 +200,9 @@ def prepare_batch(batch, index: int, device, *, token_mask: str, needs_labels: b
         elif isinstance(targets, torch.Tensor) and targets.dim() == 2:
             decoder_mask = targets.ne(IGNORE_INDEX)
     first = first_tensor((args, kwargs))
+    if first is not None and first.dim() > 0 and (first.shape[0] == 0 or (first.dim() > 1 and first.shape[1] == 0)):
+        raise ValueError(f"batch {index} is empty (its inputs have shape {tuple(first.shape)}): drop empty batches "
+                         "from the calibration data")
     num_sequences = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
     return PreparedBatch(args, kwargs, targets, mask, num_sequences, decoder_mask)
 

@@ -865,9 +865,13 @@ def _summed_loss(model, prepared, loss_fn, fisher, generator, causal, check, wei
                  batch_total=None, hooks=None) -> tuple[torch.Tensor, int]:
     """The batch's calibration loss (weighted per ``weighting``) and its number of loss units."""
     labels = prepared.targets
-    if check and loss_fn is None and fisher == "empirical":
-        _check_model_loss(model, prepared, causal, hooks)
-    outputs = called_module(model)(*prepared.args, **prepared.kwargs)
+    try:
+        if check and loss_fn is None and fisher == "empirical":
+            _check_model_loss(model, prepared, causal, hooks)
+        outputs = called_module(model)(*prepared.args, **prepared.kwargs)
+    except IndexError as err:  # read the ids only now that the model failed: no cost on the way
+        _explain_index_error(model, prepared, err)
+        raise
     if fisher == "true":
         return sampled_label_loss(outputs, prepared.output_token_mask, generator, weighting, batch_total)
     if loss_fn is not None:
@@ -910,6 +914,17 @@ def _check_model_loss(model, prepared, causal: bool, hooks=None) -> None:
             f"the summed loss recomputed from logits ({mean:.6g} per token) does not match the model's "
             f"own loss ({model_loss:.6g}); pass loss_fn=(outputs, targets) -> summed loss"
         )
+
+
+def _explain_index_error(model, prepared, err: IndexError) -> None:
+    """An input id outside the model's vocabulary, said as such (the embedding's IndexError says
+    'index out of range in self')."""
+    ids = prepared.kwargs.get("input_ids")
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    size = getattr(embeddings, "num_embeddings", None)
+    if isinstance(ids, torch.Tensor) and size is not None and ids.numel() and (int(ids.max()) >= size or int(ids.min()) < 0):
+        raise ValueError(f"input ids range from {int(ids.min())} to {int(ids.max())}, outside the model's vocabulary of "
+                         f"{size} (a tokenizer of another model?)") from err
 
 
 def _refuse_mean_loss(loss: torch.Tensor, outputs, labels, causal: bool) -> None:
