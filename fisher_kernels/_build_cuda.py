@@ -95,42 +95,6 @@ def build(output_dir: str | Path, verbose: bool = False, archs: str | None = Non
     return target
 
 
-def cuobjdump() -> Path:
-    """``cuobjdump`` of the CUDA toolkit, else the copy Triton ships (the toolkit may omit it)."""
-    candidates = [cuda_home() / "bin" / "cuobjdump"]
-    try:
-        import triton
-
-        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-    except ImportError:
-        pass
-    found = shutil.which("cuobjdump")
-    candidates += [Path(found)] if found else []
-    for path in candidates:
-        if path.exists():
-            return path
-    raise RuntimeError("cuobjdump not found (CUDA toolkit or triton's bundled copy)")
-
-
-def sass_instruction_counts(object_file: str | Path, mnemonic: str) -> dict[tuple[str, str], int]:
-    """``{(arch, kernel): number of instructions starting with mnemonic}`` in an object's SASS."""
-    out = subprocess.run([str(cuobjdump()), "-sass", str(object_file)], capture_output=True, text=True, check=True).stdout
-    counts: dict[tuple[str, str], int] = {}
-    arch = kernel = ""
-    for line in out.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("arch = "):
-            arch = stripped.split("=", 1)[1].strip()
-        elif stripped.startswith("Function : "):
-            kernel = stripped.split(":", 1)[1].strip()
-            counts.setdefault((arch, kernel), 0)
-        elif "*/" in stripped and kernel:
-            instruction = stripped.split("*/", 1)[1].strip()
-            if instruction.startswith(mnemonic):
-                counts[(arch, kernel)] += 1
-    return counts
-
-
 if __name__ == "__main__":
     out = build(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent, verbose=True)
     print(out)

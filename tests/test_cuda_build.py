@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fisher_kernels import _build_cuda
+from sass import sass_instruction_counts
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_cuda_extension_rejects_cpu_tensors_with_a_clear_error(extension):
 def test_bf16_fp16_gram_kernels_use_tensor_cores_on_sm80_and_sm90(extension, build_dir):
     """The default build targets sm_80 and sm_90; in both, the bf16 and fp16 Gram kernels are
     made of HMMA (tensor-core) instructions, and the fp32 kernels of none."""
-    counts = _build_cuda.sass_instruction_counts(build_dir / "statistics_kernels.o", "HMMA")
+    counts = sass_instruction_counts(build_dir / "statistics_kernels.o", "HMMA")
     for arch in ("sm_80", "sm_90"):
         tensor_core = {k: n for (a, k), n in counts.items() if a == arch and "tensor_core" in k}
         assert len(tensor_core) == 2, (arch, sorted(k for a, k in counts if a == arch))  # __half, __nv_bfloat16
