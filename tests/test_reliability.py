@@ -155,3 +155,26 @@ def test_an_adapter_reloaded_from_disk_converts_with_the_initial_adapter_saved_b
     inputs = {k: v for k, v in data[0].items() if k != "labels"}
     with torch.no_grad():
         assert torch.allclose(plain(**inputs).logits, peft_model(**inputs).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["filet", "lora_ga"])
+def test_peft_s_own_conversion_of_a_residual_adapter_reproduces_the_trained_model(tmp_path, method):
+    """PEFT's convention for residual initialisations (PiSSA, LoRA-GA): save the adapter right after
+    initialisation, then save_pretrained(..., path_initial_model_for_weight_conversion=that) writes a
+    plain LoRA adapter for the original weights."""
+    original = make_model("llama")
+    data = batches(n=4, bs=4)
+    peft_model = init_lora(copy.deepcopy(original), data, method=method, r=3, lora_alpha=6, progress=False)
+    peft_model.save_pretrained(tmp_path / "initial")
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        peft_model(**data[0]).loss.backward()
+        optimizer.step()
+    inputs = {k: v for k, v in data[0].items() if k != "labels"}
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits
+    peft_model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    plain = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "converted")
+    with torch.no_grad():
+        assert torch.allclose(plain(**inputs).logits, expected, atol=1e-4)
