@@ -155,7 +155,11 @@ def command_estimate(args) -> None:
     from . import estimate_memory
 
     config = AutoConfig.from_pretrained(args.model)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if args.dtype == "auto":  # what 'init --dtype auto' loads: the checkpoint's own dtype
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, stored) if isinstance(stored, str) else stored
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     estimate = estimate_memory(model, method=args.method, r=args.r, batch_size=args.batch_size, seq_len=args.seq_len)
@@ -255,7 +259,8 @@ def parser() -> argparse.ArgumentParser:
     estimate.add_argument("--r", type=int, default=16)
     estimate.add_argument("--batch-size", type=int, default=8)
     estimate.add_argument("--seq-len", type=int, default=512)
-    estimate.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    estimate.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                          help="weights' dtype (default: the checkpoint's, as 'init --dtype auto' loads it)")
     estimate.set_defaults(run=command_estimate)
     plot = sub.add_parser("plot", help="plot the scores and ranks of an init report")
     plot.add_argument("report", help=f"a {REPORT_NAME} written by 'fisher-kernels init' or InitReport.save")

@@ -159,3 +159,16 @@ def test_init_refuses_options_that_are_not_a_json_object_in_one_line(model_dir, 
     assert main(["init", str(model_dir), str(data_file), "--out", str(tmp_path / "o"), "--options", "energy=component"]) == 1
     err = capsys.readouterr().err.strip()
     assert "--options must be a JSON object" in err and "\n" not in err and "JSONDecodeError" not in err
+
+
+def test_estimate_assumes_the_dtype_init_loads(model_dir, monkeypatch):
+    """'init --dtype auto' loads the checkpoint's dtype (fp32 here); 'estimate' assumed bf16."""
+    import fisher_kernels
+
+    seen = []
+    real = fisher_kernels.estimate_memory
+    monkeypatch.setattr(fisher_kernels, "estimate_memory",
+                        lambda model, **kw: seen.append(next(model.parameters()).dtype) or real(model, **kw))
+    for dtype in ([], ["--dtype", "bf16"]):
+        assert main(["estimate", str(model_dir), "--r", "2", "--batch-size", "2", "--seq-len", "16", *dtype]) == 0
+    assert seen == [torch.float32, torch.bfloat16]
