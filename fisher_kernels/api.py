@@ -101,6 +101,8 @@ def _check_rank(r, name: str = "r") -> int:
 
 # set while an existing PeftModel adapter is initialised: its base layers are the targets then
 _EXISTING_ADAPTER = contextvars.ContextVar("fisher_kernels_existing_adapter", default=False)
+# set while a rank budget's factors are computed: r is then each layer's cap, min(r, the layer's candidates)
+_RANK_IS_A_CAP = contextvars.ContextVar("fisher_kernels_rank_is_a_cap", default=False)
 
 
 def _check_model(model) -> str | None:
@@ -274,7 +276,7 @@ def compute_initialization(
     names = resolve_target_modules(model, target_modules)
     for name in names:
         d_out, d_in = layer_dims(model.get_submodule(name))
-        if r > min(d_out, d_in):
+        if r > min(d_out, d_in) and not _RANK_IS_A_CAP.get():
             raise ValueError(f"r={r} is larger than min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} "
                              f"({d_out}×{d_in})")
         weight = model.get_submodule(name).weight
@@ -609,18 +611,22 @@ def init_lora(
     names = config.target_modules
     computed_rank = r
     if rank_budget is not None:  # FILet's factors for the most directions any layer may get, then cut
-        smallest = min(min(layer_dims(model.get_submodule(n))) for n in names)
         max_rank = 4 * -(-rank_budget // len(names)) if max_rank is None else max_rank
-        computed_rank = min(max_rank, smallest)
-    report = compute_initialization(
-        model, loader, method=method, r=computed_rank, scale=scale, target_modules=names, num_batches=num_batches,
-        loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend, progress=progress, seed=seed,
-        statistics=statistics, max_stats_memory=max_stats_memory, micro_batch_size=micro_batch_size,
-        distributed=distributed, **method_options,
-    )
+        # each layer's cap is min(max_rank, its own min(d)), not the smallest layer's
+        computed_rank = max(min(max_rank, *layer_dims(model.get_submodule(n))) for n in names)
+    token = _RANK_IS_A_CAP.set(rank_budget is not None)
+    try:
+        report = compute_initialization(
+            model, loader, method=method, r=computed_rank, scale=scale, target_modules=names, num_batches=num_batches,
+            loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend, progress=progress, seed=seed,
+            statistics=statistics, max_stats_memory=max_stats_memory, micro_batch_size=micro_batch_size,
+            distributed=distributed, **method_options,
+        )
+    finally:
+        _RANK_IS_A_CAP.reset(token)
     if rank_budget is not None:
         report.ranks = allocate_ranks({n: init.scores for n, init in report.layers.items()}, rank_budget,
-                                      min_rank, computed_rank)
+                                      min_rank, max_rank)
         report.layers = {n: truncated(init, report.ranks[n], scale) for n, init in report.layers.items()}
         report.r = r
         config.rank_pattern, config.alpha_pattern = rank_patterns(report.ranks, scale, use_rslora)

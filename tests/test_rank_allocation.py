@@ -69,3 +69,19 @@ def test_rank_budget_is_refused_for_methods_without_comparable_direction_scores(
     with pytest.raises(ValueError, match="rank_budget needs scores of single directions"):
         init_lora(make_model("llama"), pad_batches(make_samples("llama", n=4), 2), method="lora_da", rank_budget=20,
                   progress=False)
+
+
+def test_each_layer_is_capped_at_its_own_width_not_the_narrowest_layers():
+    """k_proj/v_proj of the tiny Llama have 12 candidates, the other layers 24: with max_rank=20 the
+    caps sum to 2 × (5 × 20 + 2 × 12) = 248, so a budget of 200 is possible and some layer gets
+    more than 12 (every layer used to be capped at 12, the budget refused as 'between 14 and 168')."""
+    model = make_model("llama")
+    peft_model = init_lora(copy.deepcopy(model), pad_batches(make_samples("llama", n=4), 2), method="filet", r=8,
+                           rank_budget=200, max_rank=20, progress=False)
+    ranks = peft_model.fisher_kernels_report.ranks
+    assert sum(ranks.values()) == 200 and max(ranks.values()) > 12 and max(ranks.values()) <= 20
+    assert all(r <= 12 for n, r in ranks.items() if n.endswith(("k_proj", "v_proj")))
+    best = allocate_ranks({n: init.scores for n, init in compute_initialization(
+        model, pad_batches(make_samples("llama", n=4), 2), method="filet", r=12, progress=False).layers.items()}, 120,
+        1, 20)
+    assert sum(best.values()) == 120

@@ -166,7 +166,7 @@ class FILet(InitMethod):
         elif basis is None or basis.vectors.element_size() < 4:  # factors (and full-factor energies) at fp32 or better
             basis = self._basis(W, dtype=torch.promote_types(W.dtype, torch.float32))
         energy = self.energies(W, stats, basis)
-        idx = select_by_energy(energy, self.r)
+        idx = select_by_energy(energy, min(self.r, energy.numel()))  # a rank budget's cap may exceed small layers
         U, S, Vh = complete_triplets(W, basis, idx)
         if self.magnitude == "uniform":
             S = S.mean().expand_as(S).contiguous()
