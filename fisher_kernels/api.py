@@ -86,11 +86,14 @@ class InitReport:
         }
 
     def save(self, path) -> None:
-        """Write :meth:`to_dict` as JSON (e.g. beside a saved adapter)."""
+        """Write :meth:`to_dict` as JSON (e.g. beside a saved adapter), whole or not at all."""
         import json
+        import os
 
-        with open(path, "w") as f:
+        partial = f"{path}.partial"
+        with open(partial, "w") as f:
             json.dump(self.to_dict(), f, indent=1)
+        os.replace(partial, str(path))
 
 
 def _check_rank(r, name: str = "r") -> int:

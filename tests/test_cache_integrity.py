@@ -121,3 +121,22 @@ def test_the_previous_format_without_a_header_checksum_is_refused_with_both_vers
     save_file(tensors, str(tmp_path / "v2.safetensors"), metadata=metadata)
     with pytest.raises(ValueError, match=r"format 'fisher_kernels.statistics/2', which fisher_kernels .* does not read"):
         KFACStatistics.load(tmp_path / "v2.safetensors")
+
+
+def test_a_failed_save_leaves_the_file_that_was_there(saved, tmp_path, monkeypatch):
+    from fisher_kernels.statistics import cache
+
+    _, stats, path = saved
+    target = tmp_path / "stats.safetensors"
+    target.write_bytes(path.read_bytes())
+    before = target.read_bytes()
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cache, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        stats.save(target)
+    assert target.read_bytes() == before and list(tmp_path.iterdir()) == [target]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -57,7 +58,13 @@ def write_statistics(stats, path) -> None:
         "checksums": json.dumps({key: f"{tensor_hash(value):016x}" for key, value in tensors.items()}),
     }
     metadata["header_checksum"] = header_checksum(metadata)
-    save_file(tensors, str(path), metadata=metadata)
+    partial = f"{path}.partial"  # written whole, then renamed: a failed save leaves what was there
+    try:
+        save_file(tensors, partial, metadata=metadata)
+        os.replace(partial, str(path))
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def read_statistics(path, model: nn.Module | None = None, device=None) -> tuple[dict, dict[str, dict]]:
