@@ -46,16 +46,25 @@ def _memory(text: str):
     return text if text == "auto" else int(text)
 
 
+def _messages_ok(messages) -> bool:
+    return isinstance(messages, list) and bool(messages) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+
+
 def _check_row(row, where: str) -> None:
-    if not isinstance(row, dict) or not ({"text", "messages"} & set(row)):
-        raise ValueError(f"{where}: expected an object with 'text' or 'messages'")
+    if not isinstance(row, dict) or not ({"text", "messages", "prompt"} & set(row)):
+        raise ValueError(f"{where}: expected an object with 'text', 'messages' or 'prompt' and 'completion'")
+    if "prompt" in row:
+        prompt, completion = row["prompt"], row.get("completion")
+        if not ((isinstance(prompt, str) and isinstance(completion, str))
+                or (_messages_ok(prompt) and _messages_ok(completion))):
+            raise ValueError(f"{where}: 'prompt' and 'completion' must both be strings or both lists of "
+                             "{'role': str, 'content': str} objects")
+        return
     if "text" in row and not isinstance(row["text"], str):
         raise ValueError(f"{where}: 'text' must be a string, got {type(row['text']).__name__}")
     if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
+        if not _messages_ok(row["messages"]):
             raise ValueError(f"{where}: 'messages' must be a list of {{'role': str, 'content': str}} objects")
 
 
@@ -80,15 +89,34 @@ def read_jsonl(path) -> list[dict]:
     return rows
 
 
+def _chat(tokenizer, messages, **kwargs) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the data has chat messages but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
 def tokenise(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
-    """Examples for ``init_lora``: input ids, attention mask, and labels equal to the ids (a
-    causal LM's loss over the whole text)."""
+    """Examples for ``init_lora``: input ids, attention mask and labels. ``text`` and ``messages``
+    rows: the loss covers the whole text; TRL's ``prompt``/``completion`` rows (plain strings, or
+    lists of chat messages): the loss covers the completion only, as TRL's completion-only loss."""
     examples = []
     for row in rows:
+        if "prompt" in row:
+            chat = isinstance(row["prompt"], list)
+            prompt = _chat(tokenizer, row["prompt"], add_generation_prompt=True) if chat else row["prompt"]
+            whole = _chat(tokenizer, row["prompt"] + row["completion"]) if chat else row["prompt"] + row["completion"]
+            if not whole.startswith(prompt):
+                raise ValueError("the chat template renders the prompt differently inside the whole conversation: "
+                                 "cannot tell where the completion starts")
+            prompt_ids = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
+            ids = tokenizer(whole, truncation=True, max_length=max_length)["input_ids"]
+            start = min(len(prompt_ids), len(ids))
+            if ids and start < len(ids):
+                examples.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                                 "labels": [-100] * start + ids[start:]})
+            continue
         if "messages" in row:
-            if not getattr(tokenizer, "chat_template", None):
-                raise ValueError("the data has chat 'messages' but the tokenizer has no chat template")
-            text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+            text = _chat(tokenizer, row["messages"])
         else:
             text = row["text"]
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
@@ -224,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="initialise a LoRA adapter for a local causal LM from a JSONL file",
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     init.add_argument("model", help="local directory of a transformers causal LM and its tokenizer")
-    init.add_argument("data", help="JSONL: one {'text': ...} or {'messages': [...]} per line")
+    init.add_argument("data", help="JSONL: one {'text': ...}, {'messages': [...]} or {'prompt': ..., 'completion': ...} per line")
     init.add_argument("--method", default="filet", choices=sorted(METHODS))
     init.add_argument("--r", type=int, default=16)
     init.add_argument("--lora-alpha", type=float, default=None)

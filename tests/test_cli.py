@@ -172,3 +172,32 @@ def test_estimate_assumes_the_dtype_init_loads(model_dir, monkeypatch):
     for dtype in ([], ["--dtype", "bf16"]):
         assert main(["estimate", str(model_dir), "--r", "2", "--batch-size", "2", "--seq-len", "16", *dtype]) == 0
     assert seen == [torch.float32, torch.bfloat16]
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(61)}, unk_token="t1"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", unk_token="t1")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tokenizer
+
+
+def test_trl_prompt_completion_rows_put_the_loss_on_the_completion():
+    from fisher_kernels.cli import tokenise
+
+    plain, chat = tokenise([{"prompt": "t5 t6 t7", "completion": " t8 t9"},
+                            {"prompt": [{"role": "user", "content": "t5 t6"}],
+                             "completion": [{"role": "assistant", "content": "t8"}]}], _word_tokenizer(), 64)
+    assert plain["input_ids"] == [5, 6, 7, 8, 9] and plain["labels"] == [-100, -100, -100, 8, 9]
+    assert chat["input_ids"] == [5, 6, 8] and chat["labels"] == [-100, -100, 8]
+
+
+def test_init_reads_prompt_completion_files(model_dir, tmp_path):
+    data = tmp_path / "pc.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"t{3 + i} t{4 + i} t{5 + i}", "completion": f" t{9 + i} t{10 + i}"})
+                              for i in range(8)) + "\n")
+    assert main(["init", str(model_dir), str(data), "--r", "2", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
