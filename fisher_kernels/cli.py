@@ -196,10 +196,7 @@ def command_estimate(args) -> None:
 
 def command_plot(args) -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from . import plots  # matplotlib: an optional dependency
     except ImportError:
         raise RuntimeError("plot needs matplotlib: pip install matplotlib") from None
     try:
@@ -210,38 +207,16 @@ def command_plot(args) -> None:
     if not isinstance(report, dict) or not isinstance(report.get("layers"), dict) or "method" not in report:
         raise ValueError(f"{args.report} is not a fisher_kernels report (no 'method' and 'layers'): plot the "
                          f"{REPORT_NAME} that 'fisher-kernels init' writes beside the adapter")
-    layers = {name: info for name, info in report["layers"].items() if info.get("scores")}
-    if not layers:
+    if not plots.layer_summaries(report):
         raise ValueError(f"{args.report}: the report holds no per-candidate scores (method {report['method']!r})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    columns = min(4, len(layers))
-    rows = -(-len(layers) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.6 * rows), squeeze=False)
-    for ax, (name, info) in zip(axes.flat, layers.items()):
-        scores = info["scores"]
-        ax.semilogy(range(len(scores)), [max(s, 1e-30) for s in scores], lw=0.8, color="0.4")
-        chosen = info.get("selected") or []
-        ax.scatter(chosen, [max(scores[i], 1e-30) for i in chosen], s=10, color="C3", zorder=3, label="chosen")
-        ax.set_title(name, fontsize=7)
-        ax.set_xlabel("singular-value index", fontsize=7)
-        ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(layers):]:
-        ax.axis("off")
-    fig.suptitle(f"{report['method']}: score of every candidate direction (chosen in red)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "scores.png", dpi=120)
-    plt.close(fig)
-    ranks = {name: info["rank"] for name, info in report["layers"].items() if info.get("rank")}
-    fig, ax = plt.subplots(figsize=(max(4, 0.25 * len(ranks)), 3))
-    ax.bar(range(len(ranks)), list(ranks.values()), color="C0")
-    ax.set_xticks(range(len(ranks)), list(ranks), rotation=90, fontsize=5)
-    ax.set_ylabel("rank")
-    ax.set_title(f"rank per layer ({sum(ranks.values())} in all)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "ranks.png", dpi=120)
-    plt.close(fig)
-    print(f"wrote {out / 'scores.png'} and {out / 'ranks.png'}")
+    written = [plots.summary_figure(report, out / "summary.png")]
+    if args.detail:
+        written.append(plots.detail_figure(report, out / "scores.png"))
+    ranks = plots.ranks_figure(report, out / "ranks.png")
+    written += [ranks] if ranks is not None else []
+    print("wrote " + ", ".join(str(p) for p in written))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -292,7 +267,8 @@ def parser() -> argparse.ArgumentParser:
     estimate.set_defaults(run=command_estimate)
     plot = sub.add_parser("plot", help="plot the scores and ranks of an init report")
     plot.add_argument("report", help=f"a {REPORT_NAME} written by 'fisher-kernels init' or InitReport.save")
-    plot.add_argument("--out", default=".", help="directory for scores.png and ranks.png")
+    plot.add_argument("--out", default=".", help="directory for summary.png (and ranks.png when ranks differ)")
+    plot.add_argument("--detail", action="store_true", help="also scores.png: every layer's candidate scores")
     plot.set_defaults(run=command_plot)
     return main
 

@@ -51,7 +51,12 @@ def test_init_saves_adapter_residual_base_and_report_which_reload_to_the_origina
         assert torch.allclose(reloaded(input_ids=ids).logits, make_model("llama")(input_ids=ids).logits, atol=1e-5)
 
     assert main(["plot", str(tmp_path / "out" / "adapter" / REPORT_NAME), "--out", str(tmp_path / "plots")]) == 0
-    assert (tmp_path / "plots" / "scores.png").stat().st_size > 0 and (tmp_path / "plots" / "ranks.png").exists()
+    assert (tmp_path / "plots" / "summary.png").stat().st_size > 0
+    assert not (tmp_path / "plots" / "ranks.png").exists()  # a uniform rank: nothing to show
+    assert not (tmp_path / "plots" / "scores.png").exists()  # the per-layer detail only on request
+    assert main(["plot", str(tmp_path / "out" / "adapter" / REPORT_NAME), "--out", str(tmp_path / "plots"),
+                 "--detail"]) == 0
+    assert (tmp_path / "plots" / "scores.png").stat().st_size > 0
 
 
 def test_init_without_base_change_saves_only_the_adapter(model_dir, data_file, tmp_path):
@@ -201,3 +206,14 @@ def test_init_reads_prompt_completion_files(model_dir, tmp_path):
                               for i in range(8)) + "\n")
     assert main(["init", str(model_dir), str(data), "--r", "2", "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+
+
+def test_the_summary_figure_is_one_readable_image_and_ranks_appear_when_they_differ(model_dir, data_file, tmp_path):
+    from PIL import Image
+
+    assert main(["init", str(model_dir), str(data_file), "--r", "2", "--rank-budget", "30", "--out",
+                 str(tmp_path / "out")]) == 0
+    assert main(["plot", str(tmp_path / "out" / "adapter" / REPORT_NAME), "--out", str(tmp_path / "plots")]) == 0
+    width, height = Image.open(tmp_path / "plots" / "summary.png").size
+    assert width <= 1600 and height <= 1200  # was 1920 × 16,536 px for 210 layers
+    assert (tmp_path / "plots" / "ranks.png").exists()
