@@ -132,6 +132,7 @@ def command_init(args) -> None:
     from peft import LoraConfig
 
     from . import init_lora, save_residual_model
+    from .methods import METHODS
     from .statistics.batches import CollatedExamples
 
     options = _json_options(args.options)
@@ -142,17 +143,20 @@ def command_init(args) -> None:
     if not (Path(args.model) / "config.json").is_file():
         raise ValueError(f"{args.model} holds no config.json: it is not a transformers model directory")
     check_output_dirs(out / "adapter", out / "base", args.model)  # before any work: never overwrite the model
-    rows = read_jsonl(args.data)  # bad data fails before any model is loaded
+    needs_data = METHODS[args.method].needs_data
+    if needs_data and args.data is None:
+        raise ValueError(f"method {args.method!r} needs calibration data: give a JSONL file after the model directory")
+    rows = read_jsonl(args.data) if needs_data else []  # bad data fails before any model is loaded
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    examples = tokenise(rows, tokenizer, args.max_length)
+    examples = tokenise(rows, tokenizer, args.max_length) if needs_data else []
     if args.shuffle:  # else --num-batches takes the first examples of the file
         random.Random(args.seed).shuffle(examples)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    loader = CollatedExamples(examples, int(pad_id), batch_size=args.batch_size)
+    loader = CollatedExamples(examples, int(pad_id), batch_size=args.batch_size) if needs_data else None
     lora_config = LoraConfig(r=args.r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.r,
                              lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
                              target_modules=args.target_modules.split(",") if args.target_modules else None)
@@ -174,6 +178,24 @@ def command_init(args) -> None:
         report.save(out / "adapter" / REPORT_NAME)
     print(f"{args.method}: {len(report.layers)} layers, r = {report.r}, {report.num_batches} batches; "
           f"{report.timings['total']:.1f} s. Adapter: {where}")
+
+
+def command_convert(args) -> None:
+    """A (trained) adapter saved with its residual base -> a plain LoRA adapter for the original model."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from . import save_as_plain_lora
+    from .conversion import load_initial_adapter
+
+    initial = load_initial_adapter(args.adapter)  # checked before any model is loaded
+    base_dir = args.base or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
+    if not base_dir or not Path(base_dir).is_dir():
+        raise ValueError(f"the residual base {base_dir!r} named by {args.adapter}/adapter_config.json is not a "
+                         "directory: pass --base")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), args.adapter)
+    save_as_plain_lora(model, args.out, initial_adapter=initial)
+    print(f"wrote {args.out}: a plain LoRA adapter (rank {2 * model.peft_config['default'].r}) for the original model")
 
 
 def command_estimate(args) -> None:
@@ -227,7 +249,8 @@ def parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="initialise a LoRA adapter for a local causal LM from a JSONL file",
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     init.add_argument("model", help="local directory of a transformers causal LM and its tokenizer")
-    init.add_argument("data", help="JSONL: one {'text': ...}, {'messages': [...]} or {'prompt': ..., 'completion': ...} per line")
+    init.add_argument("data", nargs="?", help="JSONL: one {'text': ...}, {'messages': [...]} or {'prompt': ..., "
+                      "'completion': ...} per line (not needed by pissa, milora, kasa, gaussian)")
     init.add_argument("--method", default="filet", choices=sorted(METHODS))
     init.add_argument("--r", type=int, default=16)
     init.add_argument("--lora-alpha", type=float, default=None)
@@ -265,6 +288,14 @@ def parser() -> argparse.ArgumentParser:
     estimate.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                           help="weights' dtype (default: the checkpoint's, as 'init --dtype auto' loads it)")
     estimate.set_defaults(run=command_estimate)
+    convert = sub.add_parser("convert", help="a trained residual adapter -> a plain LoRA adapter for the original "
+                             "model (rank 2r)")
+    convert.add_argument("adapter", help="the adapter directory 'init' or save_residual_model wrote (and training "
+                         "updated)")
+    convert.add_argument("--base", default=None, help="the residual base directory (default: the one the adapter "
+                         "config names)")
+    convert.add_argument("--out", required=True, help="where the plain adapter goes")
+    convert.set_defaults(run=command_convert)
     plot = sub.add_parser("plot", help="plot the scores and ranks of an init report")
     plot.add_argument("report", help=f"a {REPORT_NAME} written by 'fisher-kernels init' or InitReport.save")
     plot.add_argument("--out", default=".", help="directory for summary.png (and ranks.png when ranks differ)")

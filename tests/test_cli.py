@@ -217,3 +217,26 @@ def test_the_summary_figure_is_one_readable_image_and_ranks_appear_when_they_dif
     width, height = Image.open(tmp_path / "plots" / "summary.png").size
     assert width <= 1600 and height <= 1200  # was 1920 × 16,536 px for 210 layers
     assert (tmp_path / "plots" / "ranks.png").exists()
+
+
+def test_methods_without_data_need_no_data_file(model_dir, tmp_path, capsys):
+    assert main(["init", str(model_dir), "--method", "pissa", "--r", "2", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "base" / "config.json").exists()
+    assert main(["init", str(model_dir), "--method", "filet", "--out", str(tmp_path / "o2")]) == 1
+    assert "method 'filet' needs calibration data" in capsys.readouterr().err
+
+
+def test_convert_writes_a_plain_adapter_for_the_original_model(model_dir, data_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    assert main(["init", str(model_dir), str(data_file), "--r", "2", "--out", str(tmp_path / "out")]) == 0
+    weights = tmp_path / "out" / "adapter" / "adapter_model.safetensors"  # "training": move the adapter
+    save_file({k: v + 0.05 * torch.ones_like(v) for k, v in load_file(weights).items()}, weights)
+    trained = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "out" / "base"),
+                                        tmp_path / "out" / "adapter")
+    assert main(["convert", str(tmp_path / "out" / "adapter"), "--out", str(tmp_path / "plain")]) == 0
+    plain = PeftModel.from_pretrained(make_model("llama"), tmp_path / "plain")
+    ids = torch.tensor([[3, 8, 13, 18, 23]])
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-4)
+        assert not torch.allclose(plain(input_ids=ids).logits, make_model("llama")(input_ids=ids).logits, atol=1e-3)
