@@ -552,6 +552,9 @@ def init_lora(
         if target_modules is not None or lora_config is not None:
             raise ValueError("model is a PeftModel: its adapter's config says what to initialise, so target_modules "
                              "and lora_config must not be given")
+        if rank_budget is not None:
+            raise ValueError("rank_budget spreads ranks over the layers of an adapter init_lora creates; an existing "
+                             "adapter's ranks are fixed by its config: pass the base model instead")
         return _init_existing_adapter(
             model, loader, adapter_name, method, r, lora_alpha, progress,
             dict(num_batches=num_batches, loss_fn=loss_fn, token_mask=token_mask, fisher=fisher, backend=backend,

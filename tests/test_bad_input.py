@@ -123,3 +123,11 @@ def test_cli_names_the_file_and_line_of_bad_data(tmp_path, capsys, line, message
     data.write_bytes(b'{"text": "fine"}\n' + line + b"\n")
     with pytest.raises(ValueError, match=f"d.jsonl:2: .*{message}".replace("(", r"\(")):
         read_jsonl(data)
+
+
+def test_rank_budget_on_an_existing_adapter_is_refused_not_ignored():
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(make_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="an existing adapter's ranks are fixed by its config"):
+        init_lora(peft_model, pad_batches(make_samples("llama", n=2), 2), rank_budget=8, progress=False)
