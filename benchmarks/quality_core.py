@@ -54,14 +54,17 @@ def plot(runs, eval_steps, path):
 
     steps = [0] + list(eval_steps)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in dict.fromkeys(r["method"] for r in runs):
+    colors = plt.get_cmap("tab20").colors  # one color a method for up to 20 methods
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in runs)):
         mine = [r for r in runs if r["method"] == method]
         for ax, key in zip(axes, ("loss", "accuracy")):
             values = torch.tensor([[r["curve"][s][key] for s in steps] for r in mine])
             mean, std = values.mean(0), values.std(0) if len(mine) > 1 else torch.zeros(len(steps))
-            ax.plot(steps, mean, marker="o", label=method)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
-    axes[0].set_ylabel("evaluation loss")
+            color = colors[(2 * i) % 20 + (2 * i) // 20 % 2]
+            ax.plot(steps, mean, marker="o", label=method, color=color)
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.12, color=color)
+    axes[0].set_yscale("log")  # a method that starts far off (KaSA's truncation) would flatten the rest
+    axes[0].set_ylabel("evaluation loss (log scale)")
     axes[1].set_ylabel("evaluation accuracy")
     for ax in axes:
         ax.set_xlabel("training step")
