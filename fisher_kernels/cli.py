@@ -25,6 +25,23 @@ from pathlib import Path
 from .peft_wiring import check_output_dirs
 
 REPORT_NAME = "fisher_kernels_report.json"
+INIT_DESCRIPTION = """Initialise a LoRA adapter from data and save it.
+
+Loads a causal LM and its tokenizer from a local directory, tokenises a JSONL file (one object a line:
+{"text": ...}, {"messages": [...]} through the tokenizer's chat template, or TRL's {"prompt": ...,
+"completion": ...} with the loss on the completion), runs init_lora with progress, and saves OUT/adapter
+(the PEFT adapter, how it was made, the initial adapter) and, when the method changed the base weights,
+OUT/base (the residual base the adapter's config names)."""
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default (where it has one the help does not state)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 def _json_options(text: str | None) -> dict:
@@ -247,56 +264,63 @@ def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="fisher-kernels", description="Data-aware LoRA initialisation (fisher_kernels).")
     sub = main.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="initialise a LoRA adapter for a local causal LM from a JSONL file",
-                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                          description=INIT_DESCRIPTION, formatter_class=_Help)
     init.add_argument("model", help="local directory of a transformers causal LM and its tokenizer")
     init.add_argument("data", nargs="?", help="JSONL: one {'text': ...}, {'messages': [...]} or {'prompt': ..., "
                       "'completion': ...} per line (not needed by pissa, milora, kasa, gaussian)")
-    init.add_argument("--method", default="filet", choices=sorted(METHODS))
-    init.add_argument("--r", type=int, default=16)
-    init.add_argument("--lora-alpha", type=float, default=None)
+    init.add_argument("--method", default="filet", choices=sorted(METHODS), help="the initialisation")
+    init.add_argument("--r", type=int, default=16, help="LoRA rank")
+    init.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: r, a scale of 1)")
     init.add_argument("--max-length", type=int, default=512, help="tokens per example (truncated)")
     init.add_argument("--num-batches", type=int, default=None, help="use at most this many batches (default: all)")
-    init.add_argument("--batch-size", type=int, default=8, help="examples per calibration batch (default 8)")
+    init.add_argument("--batch-size", type=int, default=8, help="examples per calibration batch")
     init.add_argument("--micro-batch-size", type=int, default=None,
                       help="run each batch as forward+backward passes of at most this many examples (less memory)")
     init.add_argument("--shuffle", action="store_true", help="shuffle the examples (with --seed) before batching")
-    init.add_argument("--seed", type=int, default=0, help="seed of --shuffle and of the method (default 0)")
+    init.add_argument("--seed", type=int, default=0, help="seed of --shuffle and of the method")
     init.add_argument("--target-modules", default=None,
                       help="comma-separated layer names, as LoraConfig's target_modules (default: every linear "
                            "layer of the blocks)")
-    init.add_argument("--lora-dropout", type=float, default=0.0)
+    init.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout of the saved adapter")
     init.add_argument("--token-mask", default="attention", choices=["attention", "labels"],
                       help="which tokens the statistics count (default: every non-padding token)")
-    init.add_argument("--fisher", default="empirical", choices=["empirical", "true"])
+    init.add_argument("--fisher", default="empirical", choices=["empirical", "true"],
+                      help="labels from the data, or sampled from the model's own predictions")
     init.add_argument("--rank-budget", type=int, default=None,
                       help="FILet: the total rank over all layers, spread by Fisher energy")
     init.add_argument("--min-rank", type=int, default=1, help="with --rank-budget: the least rank of a layer")
     init.add_argument("--max-rank", type=int, default=None, help="with --rank-budget: the most rank of a layer")
     init.add_argument("--max-stats-memory", type=_memory, default=None,
                       help="bytes of statistics held at once, or 'auto' (several passes when they do not fit)")
-    init.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    init.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    init.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                      help="the weights' dtype (auto: the checkpoint's)")
+    init.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the model runs")
     init.add_argument("--options", default=None, help='method options as JSON, e.g. \'{"energy": "component"}\'')
     init.add_argument("--out", required=True, help="output directory (adapter/, and base/ for residual methods)")
     init.set_defaults(run=command_init)
-    estimate = sub.add_parser("estimate", help="estimate peak memory without loading any weight")
+    estimate = sub.add_parser("estimate", help="estimate peak memory without loading any weight",
+                              description="Peak memory of 'init' for this model, method and batch shape, from the "
+                                          "model's config alone (built on the meta device).", formatter_class=_Help)
     estimate.add_argument("model", help="local directory (or hub id, if cached) holding the model's config.json")
-    estimate.add_argument("--method", default="filet", choices=sorted(METHODS))
-    estimate.add_argument("--r", type=int, default=16)
-    estimate.add_argument("--batch-size", type=int, default=8)
-    estimate.add_argument("--seq-len", type=int, default=512)
+    estimate.add_argument("--method", default="filet", choices=sorted(METHODS), help="the initialisation")
+    estimate.add_argument("--r", type=int, default=16, help="LoRA rank")
+    estimate.add_argument("--batch-size", type=int, default=8, help="sequences per calibration batch")
+    estimate.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (init pads to the longest)")
     estimate.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                           help="weights' dtype (default: the checkpoint's, as 'init --dtype auto' loads it)")
     estimate.set_defaults(run=command_estimate)
     convert = sub.add_parser("convert", help="a trained residual adapter -> a plain LoRA adapter for the original "
-                             "model (rank 2r)")
+                             "model (rank 2r)", formatter_class=_Help,
+                             description="W' + s·B A = W + s·(B A − B₀A₀): the trained adapter on its residual base "
+                                         "as a rank-2r adapter for the original weights.")
     convert.add_argument("adapter", help="the adapter directory 'init' or save_residual_model wrote (and training "
                          "updated)")
     convert.add_argument("--base", default=None, help="the residual base directory (default: the one the adapter "
                          "config names)")
     convert.add_argument("--out", required=True, help="where the plain adapter goes")
     convert.set_defaults(run=command_convert)
-    plot = sub.add_parser("plot", help="plot the scores and ranks of an init report")
+    plot = sub.add_parser("plot", help="plot the scores and ranks of an init report", formatter_class=_Help,
+                          description="One summary figure of an init report (and the per-layer detail on request).")
     plot.add_argument("report", help=f"a {REPORT_NAME} written by 'fisher-kernels init' or InitReport.save")
     plot.add_argument("--out", default=".", help="directory for summary.png (and ranks.png when ranks differ)")
     plot.add_argument("--detail", action="store_true", help="also scores.png: every layer's candidate scores")

@@ -240,3 +240,13 @@ def test_convert_writes_a_plain_adapter_for_the_original_model(model_dir, data_f
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-4)
         assert not torch.allclose(plain(input_ids=ids).logits, make_model("llama")(input_ids=ids).logits, atol=1e-3)
+
+
+def test_help_states_every_default_and_no_raw_docstring(capsys):
+    with pytest.raises(SystemExit):
+        main(["init", "--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text  # no reST of a module docstring
+    for option, default in (("--r R", "16"), ("--batch-size", "8"), ("--method", "filet"), ("--token-mask", "attention")):
+        after = text[text.index(option):]
+        assert f"(default: {default})" in after[:300], option
