@@ -59,6 +59,15 @@ def _json_options(text: str | None) -> dict:
     return options
 
 
+def _loaded(load, directory: str, what: str, **kwargs):
+    """``load(directory)``; a failure (corrupt or missing files) as one line naming the directory."""
+    try:
+        return load(directory, **kwargs)
+    except Exception as err:  # transformers/safetensors raise many types, often with multi-line messages
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{directory}: cannot load {what} ({type(err).__name__}: {first})") from None
+
+
 def _memory(text: str):
     """``--max-stats-memory``: bytes, or ``auto``."""
     return text if text == "auto" else int(text)
@@ -166,11 +175,11 @@ def command_init(args) -> None:
         raise ValueError(f"method {args.method!r} needs calibration data: give a JSONL file after the model directory")
     rows = read_jsonl(args.data) if needs_data else []  # bad data fails before any model is loaded
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = _loaded(AutoTokenizer.from_pretrained, args.model, "its tokenizer")
     examples = tokenise(rows, tokenizer, args.max_length) if needs_data else []
     if args.shuffle:  # else --num-batches takes the first examples of the file
         random.Random(args.seed).shuffle(examples)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
+    model = _loaded(AutoModelForCausalLM.from_pretrained, args.model, "the model's weights", dtype=dtype).to(args.device)
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0

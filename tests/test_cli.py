@@ -251,3 +251,16 @@ def test_help_states_every_default_and_no_raw_docstring(capsys):
     for option, default in (("--r R", "16"), ("--batch-size", "8"), ("--method", "filet"), ("--lora-dropout", "0.0")):
         after = options[options.index(option):]
         assert f"(default: {default})" in after[:200], option
+
+
+def test_corrupt_weights_are_named_in_one_line(model_dir, data_file, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["init", str(broken), str(data_file), "--r", "2", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{broken}: cannot load the model's weights" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
