@@ -272,6 +272,8 @@ def compute_initialization(
     made beyond one layer's temporaries.
     """
     sharding = _check_model(model)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale (lora_alpha / r) must be a positive number, got {scale!r}")
     method, method_options = method_and_options(method, method_options)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")

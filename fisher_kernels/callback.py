@@ -74,6 +74,12 @@ class FisherInitCallback(TrainerCallback):
         if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
                                         or num_batches < 1):
             raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+        from .methods import METHODS
+        from .options import method_and_options
+
+        name, _ = method_and_options(method, {})
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
         for name in ("r", "lora_alpha", "target_modules", "lora_config"):
             if name in options:
                 raise ValueError(f"{name} comes from the model's LoRA adapter (the trainer's peft_config), not from "

@@ -68,8 +68,11 @@ def save_as_plain_lora(peft_model, output_dir, initial_adapter=None, adapter: st
     ``peft_model.fisher_kernels_report.initial_adapter``. Load the result with
     ``PeftModel.from_pretrained(original_model, output_dir)``.
     """
-    from peft import get_peft_model_state_dict
+    from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import save_file
+
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(f"save_as_plain_lora converts a PeftModel, got {type(peft_model).__name__}")
 
     if isinstance(initial_adapter, (str, os.PathLike)):
         initial_adapter = load_initial_adapter(initial_adapter)

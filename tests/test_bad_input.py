@@ -131,3 +131,54 @@ def test_rank_budget_on_an_existing_adapter_is_refused_not_ignored():
     peft_model = get_peft_model(make_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="an existing adapter's ranks are fixed by its config"):
         init_lora(peft_model, pad_batches(make_samples("llama", n=2), 2), rank_budget=8, progress=False)
+
+
+def _entry_point_cases():
+    from fisher_kernels import (KFACStatistics, StatisticsRequest, collect_statistics, compute_initialization,
+                                estimate_memory, save_as_plain_lora)
+
+    data = pad_batches(make_samples("llama", n=2), 2)
+    request = {"model.layers.0.mlp.up_proj": StatisticsRequest(input_factor=True)}
+    return {  # name: (call on a model, exception, what the one line must say)
+        "collect: requests a list": (lambda m: collect_statistics(m, data, ["a"], progress=False), TypeError,
+                                     "requests must be a dict"),
+        "collect: unknown layer": (lambda m: collect_statistics(m, data, {"nope": StatisticsRequest(input_factor=True)},
+                                                                progress=False), ValueError, "does not have: \\['nope'\\]"),
+        "collect: num_batches=2.5": (lambda m: collect_statistics(m, data, request, num_batches=2.5, progress=False),
+                                     ValueError, "num_batches must be a positive integer, got 2.5"),
+        "collect: loader=5": (lambda m: collect_statistics(m, 5, request, progress=False), TypeError,
+                              "loader must be an iterable of batches"),
+        "collect: backend='x'": (lambda m: collect_statistics(m, data, request, backend="x", progress=False), ValueError,
+                                 "backend must be 'auto' or one of"),
+        "compute: method=5": (lambda m: compute_initialization(m, data, method=5, progress=False), TypeError,
+                              "method must be a method name"),
+        "compute: scale=-1": (lambda m: compute_initialization(m, data, r=2, scale=-1, progress=False), ValueError,
+                              "scale \\(lora_alpha / r\\) must be a positive number, got -1"),
+        "compute: target_modules=['nope']": (lambda m: compute_initialization(m, data, r=2, target_modules=["nope"],
+                                                                              progress=False), ValueError,
+                                             "matched no layer"),
+        "compute: max_stats_memory=-1": (lambda m: compute_initialization(m, data, r=2, max_stats_memory=-1,
+                                                                          progress=False), ValueError,
+                                         "max_stats_memory must be a positive number of bytes"),
+        "estimate: r=0": (lambda m: estimate_memory(m, r=0), ValueError, "r must be a positive integer, got 0"),
+        "estimate: batch_size=0": (lambda m: estimate_memory(m, batch_size=0), ValueError, "batch_size and seq_len"),
+        "estimate: method='x'": (lambda m: estimate_memory(m, method="x"), ValueError, "unknown method 'x'"),
+        "load: a directory": (lambda m: KFACStatistics.load("tests"), ValueError, "tests: cannot read it"),
+        "plain lora: a plain module": (lambda m: save_as_plain_lora(m, "unused"), TypeError,
+                                       "save_as_plain_lora converts a PeftModel, got LlamaForCausalLM"),
+        "callback: method='x'": (lambda m: FisherInitCallback(method="x"), ValueError, "unknown method 'x'"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_entry_point_cases()))
+def test_every_entry_point_refuses_bad_input_in_one_line_and_touches_nothing(case, tmp_path, monkeypatch):
+    call, error, message = _entry_point_cases()[case]
+    monkeypatch.chdir(tmp_path.parent)  # "tests" and "unused" name nothing there
+    (tmp_path.parent / "tests").mkdir(exist_ok=True)
+    model = make_model("llama")
+    before, files = snapshot(model), sorted(p.name for p in tmp_path.parent.iterdir())
+    with pytest.raises(error, match=message) as raised:
+        call(model)
+    assert "\n" not in str(raised.value)
+    assert_same_snapshot(before, snapshot(model))
+    assert sorted(p.name for p in tmp_path.parent.iterdir()) == files  # nothing written

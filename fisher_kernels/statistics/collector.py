@@ -537,7 +537,8 @@ def collect_statistics(
         raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
     if token_mask not in ("attention", "labels"):
         raise ValueError(f"token_mask must be 'attention' or 'labels', got {token_mask!r}")
-    if num_batches is not None and num_batches < 1:
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -549,6 +550,17 @@ def collect_statistics(
         raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+    if not isinstance(requests, Mapping) or not all(isinstance(r, (StatisticsRequest, type(None)))
+                                                    for r in requests.values()):
+        raise TypeError("requests must be a dict {layer name: StatisticsRequest(...)}, e.g. "
+                        f"full_statistics_requests(model); got {type(requests).__name__}")
+    modules = dict(model.named_modules())
+    unknown = [name for name in requests if name not in modules]
+    if unknown:
+        raise ValueError(f"requests name layers the model does not have: {unknown[:5]}")
+    if loader is not None and not hasattr(loader, "__iter__"):
+        raise TypeError(f"loader must be an iterable of batches (a DataLoader, a list of dicts, ...), got "
+                        f"{type(loader).__name__}")
     requests = {name: req for name, req in requests.items() if req is not None and not req.is_empty}
     needs_gradients = any(req.needs_output_gradient for req in requests.values())
     device = _model_device(model)
