@@ -264,3 +264,30 @@ def test_corrupt_weights_are_named_in_one_line(model_dir, data_file, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert f"{broken}: cannot load the model's weights" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_save_leaves_the_output_directories_as_they_were(model_dir, tmp_path, monkeypatch):
+    """Written under temporary names, then moved: a failure half-way (here: the base model's weights)
+    leaves an earlier save whole and no partial directory behind."""
+    from transformers import PreTrainedModel
+
+    from fisher_kernels import init_lora, save_residual_model
+
+    peft_model = init_lora(LlamaForCausalLM.from_pretrained(model_dir), [{"input_ids": torch.tensor([[3, 4, 5, 6]]),
+                                                                        "labels": torch.tensor([[3, 4, 5, 6]])}],
+                           r=2, target_modules=["q_proj"], progress=False)
+    save_residual_model(peft_model, tmp_path / "adapter", tmp_path / "base")
+    before = {d: _files(tmp_path / d) for d in ("adapter", "base")}
+    real = PreTrainedModel.save_pretrained
+
+    def failing(self, directory, *args, **kwargs):
+        real(self, directory, *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing)
+    with torch.no_grad():
+        next(p for n, p in peft_model.named_parameters() if "lora_B" in n).add_(1.0)  # a different adapter
+    with pytest.raises(OSError, match="disk full"):
+        save_residual_model(peft_model, tmp_path / "adapter", tmp_path / "base")
+    assert {d: _files(tmp_path / d) for d in ("adapter", "base")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
