@@ -158,7 +158,8 @@ def command_init(args) -> None:
 
     from peft import LoraConfig
 
-    from . import init_lora, save_residual_model
+    from . import (KFACStatistics, collect_statistics, full_statistics_requests, init_lora, resolve_target_modules,
+                   save_residual_model)
     from .methods import METHODS
     from .statistics.batches import CollatedExamples
 
@@ -170,7 +171,9 @@ def command_init(args) -> None:
     if not (Path(args.model) / "config.json").is_file():
         raise ValueError(f"{args.model} holds no config.json: it is not a transformers model directory")
     check_output_dirs(out / "adapter", out / "base", args.model)  # before any work: never overwrite the model
-    needs_data = METHODS[args.method].needs_data
+    needs_data = METHODS[args.method].needs_data and args.statistics is None
+    if args.statistics is not None and not Path(args.statistics).is_file():
+        raise ValueError(f"--statistics {args.statistics}: no such file")
     if needs_data and args.data is None:
         raise ValueError(f"method {args.method!r} needs calibration data: give a JSONL file after the model directory")
     rows = read_jsonl(args.data) if needs_data else []  # bad data fails before any model is loaded
@@ -189,10 +192,23 @@ def command_init(args) -> None:
                              target_modules=args.target_modules.split(",") if args.target_modules else None)
     budget = dict(rank_budget=args.rank_budget, min_rank=args.min_rank, max_rank=args.max_rank) \
         if args.rank_budget is not None else {}
-    peft_model = init_lora(model, loader, method=args.method, lora_config=lora_config, num_batches=args.num_batches,
-                           token_mask=args.token_mask, fisher=args.fisher, seed=args.seed,
-                           micro_batch_size=args.micro_batch_size, max_stats_memory=args.max_stats_memory,
-                           progress=True, **budget, **options)
+    statistics = None
+    if args.statistics is not None:  # an earlier pass's, checked against this model
+        statistics = KFACStatistics.load(args.statistics, model=model, device=args.device)
+    elif args.save_statistics is not None and needs_data:  # one pass of everything, saved for other methods
+        targets = resolve_target_modules(model, lora_config.target_modules)
+        statistics = collect_statistics(model, loader, full_statistics_requests(model, targets),
+                                        token_mask=args.token_mask, fisher=args.fisher, num_batches=args.num_batches,
+                                        micro_batch_size=args.micro_batch_size, seed=args.seed,
+                                        loss_weighting=METHODS[args.method].loss_weighting)
+        statistics.save(args.save_statistics)
+        print(f"statistics of every target layer saved to {args.save_statistics} (reuse: --statistics, with a "
+              f"method whose loss weighting is {statistics.loss_weighting!r})")
+    peft_model = init_lora(model, None if statistics is not None else loader, method=args.method,
+                           lora_config=lora_config, num_batches=args.num_batches, token_mask=args.token_mask,
+                           fisher=args.fisher, seed=args.seed, micro_batch_size=args.micro_batch_size,
+                           max_stats_memory=args.max_stats_memory, statistics=statistics, progress=True,
+                           **budget, **options)
     report = peft_model.fisher_kernels_report
     if report.residual_base:
         save_residual_model(peft_model, out / "adapter", out / "base")
@@ -305,6 +321,10 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                       help="the weights' dtype (auto: the checkpoint's)")
     init.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the model runs")
+    init.add_argument("--save-statistics", default=None, metavar="FILE",
+                      help="collect every statistic any method uses in this pass and save them to FILE")
+    init.add_argument("--statistics", default=None, metavar="FILE",
+                      help="reuse statistics saved with --save-statistics (no calibration pass, no data file)")
     init.add_argument("--options", default=None, help='method options as JSON, e.g. \'{"energy": "component"}\'')
     init.add_argument("--out", required=True, help="output directory (adapter/, and base/ for residual methods)")
     init.set_defaults(run=command_init)

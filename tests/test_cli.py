@@ -291,3 +291,19 @@ def test_a_failed_save_leaves_the_output_directories_as_they_were(model_dir, tmp
         save_residual_model(peft_model, tmp_path / "adapter", tmp_path / "base")
     assert {d: _files(tmp_path / d) for d in ("adapter", "base")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+def test_one_pass_saved_serves_a_later_init_without_data(model_dir, data_file, tmp_path):
+    from safetensors.torch import load_file
+
+    stats = tmp_path / "stats.safetensors"
+    assert main(["init", str(model_dir), str(data_file), "--method", "filet", "--r", "2", "--out",
+                 str(tmp_path / "first"), "--save-statistics", str(stats)]) == 0
+    assert stats.stat().st_size > 0
+    assert main(["init", str(model_dir), "--method", "filet", "--r", "2", "--out", str(tmp_path / "second"),
+                 "--statistics", str(stats), "--options", '{"energy": "component"}']) == 0
+    assert main(["init", str(model_dir), "--method", "filet", "--r", "2", "--out", str(tmp_path / "again"),
+                 "--statistics", str(stats)]) == 0
+    first = load_file(tmp_path / "first" / "adapter" / "adapter_model.safetensors")
+    again = load_file(tmp_path / "again" / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == again.keys() and all(torch.allclose(first[k], again[k], atol=1e-6) for k in first)
