@@ -68,6 +68,18 @@ def _loaded(load, directory: str, what: str, **kwargs):
         raise ValueError(f"{directory}: cannot load {what} ({type(err).__name__}: {first})") from None
 
 
+def _resident_bytes() -> int | None:
+    """This process's resident memory (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def _memory(text: str):
     """``--max-stats-memory``: bytes, or ``auto``."""
     return text if text == "auto" else int(text)
@@ -257,6 +269,10 @@ def command_estimate(args) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     estimate = estimate_memory(model, method=args.method, r=args.r, batch_size=args.batch_size, seq_len=args.seq_len)
     print(estimate)
+    resident = _resident_bytes()
+    if resident is not None and args.device_kind == "cpu":  # on a GPU the process's host memory is not the device's
+        print(f"plus this process's own memory (Python, torch, transformers; measured now): {resident / 2**30:.2f} GiB, "
+              f"so about {(estimate.peak_bytes + resident) / 2**30:.2f} GiB of RAM in all")
 
 
 def command_plot(args) -> None:
@@ -336,6 +352,8 @@ def parser() -> argparse.ArgumentParser:
     estimate.add_argument("--r", type=int, default=16, help="LoRA rank")
     estimate.add_argument("--batch-size", type=int, default=8, help="sequences per calibration batch")
     estimate.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (init pads to the longest)")
+    estimate.add_argument("--device-kind", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"],
+                          help="where init will run (on the CPU the process's own memory is added)")
     estimate.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                           help="weights' dtype (default: the checkpoint's, as 'init --dtype auto' loads it)")
     estimate.set_defaults(run=command_estimate)
