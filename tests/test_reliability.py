@@ -103,17 +103,23 @@ def test_statistics_of_another_model_are_refused(tmp_path):
         compute_initialization(model, None, method="filet", r=2, statistics=projected, progress=False)
 
 
+def train_a_little(peft_model, batch, steps: int = 3) -> None:
+    """A few SGD steps, so that the adapter differs from its initial value."""
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        peft_model(**batch).loss.backward()
+        optimizer.step()
+
+
+
 @pytest.mark.parametrize("method", ["filet", "lora_da", "pissa", "lora_ga"])
 def test_trained_adapter_converts_to_a_plain_lora_for_the_original_model(tmp_path, method):
     original = make_model("llama")
     data = batches(n=4, bs=4)
     options = {"residual_base": True} if method == "lora_da" else {}
     peft_model = init_lora(copy.deepcopy(original), data, method=method, r=3, lora_alpha=6, progress=False, **options)
-    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(3):  # train a little, so the adapter differs from its initial value
-        optimizer.zero_grad()
-        peft_model(**data[0]).loss.backward()
-        optimizer.step()
+    train_a_little(peft_model, data[0])
     inputs = {k: v for k, v in data[0].items() if k != "labels"}
     with torch.no_grad():
         expected = peft_model(**inputs).logits
@@ -141,11 +147,7 @@ def test_an_adapter_reloaded_from_disk_converts_with_the_initial_adapter_saved_b
     original = make_model("llama")
     data = batches(n=4, bs=4)
     peft_model = init_lora(copy.deepcopy(original), data, method="filet", r=3, lora_alpha=6, progress=False)
-    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(3):
-        optimizer.zero_grad()
-        peft_model(**data[0]).loss.backward()
-        optimizer.step()
+    train_a_little(peft_model, data[0])
     save_residual_model(peft_model, tmp_path / "adapter", tmp_path / "base")
     reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
     with pytest.raises(ValueError, match="a model reloaded from disk has none in memory; pass initial_adapter="):
@@ -166,11 +168,7 @@ def test_peft_s_own_conversion_of_a_residual_adapter_reproduces_the_trained_mode
     data = batches(n=4, bs=4)
     peft_model = init_lora(copy.deepcopy(original), data, method=method, r=3, lora_alpha=6, progress=False)
     peft_model.save_pretrained(tmp_path / "initial")
-    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(3):
-        optimizer.zero_grad()
-        peft_model(**data[0]).loss.backward()
-        optimizer.step()
+    train_a_little(peft_model, data[0])
     inputs = {k: v for k, v in data[0].items() if k != "labels"}
     with torch.no_grad():
         expected = peft_model(**inputs).logits
