@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .conversion import snapshot_adapter
 from .existing_adapter import (check_adapter_config, lora_layers_of, restore_adapter, warn_about_shared_bases,
                                write_adapter)
-from .layers import layer_dims, resolve_target_modules, trainable_heads, weight_matrix
+from .layers import RANK_IS_A_CAP, check_rank_fits, layer_dims, resolve_target_modules, trainable_heads, weight_matrix
 from .methods import METHODS, LayerInit, lora_scale
 from .options import method_and_options
 from .rank_allocation import allocate_ranks, rank_patterns, truncated
@@ -104,8 +104,6 @@ def _check_rank(r, name: str = "r") -> int:
 
 # set while an existing PeftModel adapter is initialised: its base layers are the targets then
 _EXISTING_ADAPTER = contextvars.ContextVar("fisher_kernels_existing_adapter", default=False)
-# set while a rank budget's factors are computed: r is then each layer's cap, min(r, the layer's candidates)
-_RANK_IS_A_CAP = contextvars.ContextVar("fisher_kernels_rank_is_a_cap", default=False)
 
 
 def _check_model(model) -> str | None:
@@ -279,11 +277,8 @@ def compute_initialization(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
     r = _check_rank(r)
     names = resolve_target_modules(model, target_modules)
+    check_rank_fits(model, names, r)
     for name in names:
-        d_out, d_in = layer_dims(model.get_submodule(name))
-        if r > min(d_out, d_in) and not _RANK_IS_A_CAP.get():
-            raise ValueError(f"r={r} is larger than min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} "
-                             f"({d_out}×{d_in})")
         weight = model.get_submodule(name).weight
         if weight.device.type == "meta":
             raise ValueError(f"layer {name!r} has its weight on the meta device: load the weights first "
@@ -622,7 +617,7 @@ def init_lora(
         max_rank = 4 * -(-rank_budget // len(names)) if max_rank is None else max_rank
         # each layer's cap is min(max_rank, its own min(d)), not the smallest layer's
         computed_rank = max(min(max_rank, *layer_dims(model.get_submodule(n))) for n in names)
-    token = _RANK_IS_A_CAP.set(rank_budget is not None)
+    token = RANK_IS_A_CAP.set(rank_budget is not None)
     try:
         report = compute_initialization(
             model, loader, method=method, r=computed_rank, scale=scale, target_modules=names, num_batches=num_batches,
@@ -631,7 +626,7 @@ def init_lora(
             distributed=distributed, **method_options,
         )
     finally:
-        _RANK_IS_A_CAP.reset(token)
+        RANK_IS_A_CAP.reset(token)
     if rank_budget is not None:
         report.ranks = allocate_ranks({n: init.scores for n, init in report.layers.items()}, rank_budget,
                                       min_rank, max_rank)

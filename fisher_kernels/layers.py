@@ -6,6 +6,8 @@ GPT-2's ``Conv1D`` stores ``Wᵀ``; the helpers here hide that.
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 from torch import nn
 
@@ -144,3 +146,19 @@ def update_rows(d_in: int, device=None) -> int:
     """Rows of a ``(d_out, d_in)`` weight on ``device`` updated through one fp32 temporary."""
     entries = UPDATE_ENTRIES_CUDA if torch.device(device or "cpu").type == "cuda" else UPDATE_ENTRIES
     return max(1, entries // d_in)
+
+
+# set while a rank budget's factors are computed: r is then each layer's cap, min(r, the layer's min(d))
+RANK_IS_A_CAP = contextvars.ContextVar("fisher_kernels_rank_is_a_cap", default=False)
+
+
+def check_rank_fits(model: nn.Module, names: list[str], r: int) -> None:
+    """Refuse a rank larger than a target layer's ``min(d_out, d_in)`` (unless ``r`` is a rank
+    budget's per-layer cap, see :data:`RANK_IS_A_CAP`)."""
+    if RANK_IS_A_CAP.get():
+        return
+    for name in names:
+        d_out, d_in = layer_dims(model.get_submodule(name))
+        if r > min(d_out, d_in):
+            raise ValueError(f"r={r} is larger than min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} "
+                             f"({d_out}×{d_in})")

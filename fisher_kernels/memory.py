@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .device_memory import available_memory  # noqa: F401  (the planner's; api reads it from here)
-from .layers import layer_dims, resolve_target_modules, update_rows
+from .layers import check_rank_fits, layer_dims, resolve_target_modules, update_rows
 from .methods import METHODS, InitMethod, lora_scale
 from .statistics.batches import loss_row_chunks, output_logits, weighted_cross_entropy
 from .statistics.collector import WEIGHT_ROWS
@@ -66,11 +66,7 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
     names = resolve_target_modules(model, target_modules)
-    for name in names:
-        d_out, d_in = layer_dims(model.get_submodule(name))
-        if r > min(d_out, d_in):
-            raise ValueError(f"r={r} is larger than min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} "
-                             f"({d_out}×{d_in})")
+    check_rank_fits(model, names, r)
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     activations, shares_input = 0, set()
     if init_method.needs_data:
