@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from benchmarks.models import PRESETS, build_model, calibration_batches, target_module_names
+from benchmarks.models import PRESETS, build_model, calibration_batches, target_module_names, training_copy
 
 OURS = {
     "filet": dict(method="filet", route="full"),
@@ -65,11 +65,7 @@ def _sync(device):
 def _fwd_bwd(model, batches, device, frozen: bool = False):
     """One training forward+backward over ``batches``; ``frozen``: parameters without gradients
     (the input embeddings' output made to require one), what a calibration pass differentiates."""
-    model = copy.deepcopy(model)
-    for p in model.parameters():
-        p.requires_grad_(not frozen)
-    if frozen:
-        model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    model = training_copy(model, frozen)
     _sync(device)
     start = time.perf_counter()
     for batch in batches:

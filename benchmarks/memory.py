@@ -32,6 +32,7 @@ import sys
 import torch
 
 from benchmarks.models import PRESETS, build_model, calibration_batches, target_module_names
+from fisher_kernels.device_memory import process_memory
 
 PRESET = PRESETS["memory"]
 
@@ -54,12 +55,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+def _process_bytes(field: str) -> int:
+    value = process_memory(field)
+    if value is None:
+        raise RuntimeError(f"/proc/self/status has no {field}: this benchmark needs Linux")
+    return value
 
 
 def _reset_peak() -> None:
@@ -110,9 +110,9 @@ def measure_row(name: str, dtype: str, blocks: int) -> dict:
                                    seq_len=preset["seq_len"], target_modules=names, **options)
     gc.collect()
     _reset_peak()
-    before = _proc_status_kib("VmRSS") * 1024
+    before = _process_bytes("VmRSS")
     _run(name, model, batches, preset)
-    peak = _proc_status_kib("VmHWM") * 1024
+    peak = _process_bytes("VmHWM")
     row = {"method": name, "dtype": dtype, "blocks": blocks, "target_bytes": target_bytes,
            "peak_above_model_bytes": peak - before, "ratio": (peak - before) / target_bytes}
     if estimate is not None:

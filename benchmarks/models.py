@@ -74,3 +74,17 @@ def target_module_names(preset: dict) -> list[str]:
     if preset["kind"] == "llama":
         return list(LLAMA_TARGETS)
     return ["c_attn", "c_proj", "c_fc"]
+
+
+def training_copy(model, frozen: bool = False):
+    """A copy of ``model`` for one ordinary training forward+backward, the baseline every pass is
+    compared with; ``frozen``: parameters without gradients and the input embeddings' output made to
+    require one (what a calibration pass differentiates)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+    if frozen:
+        model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    return model

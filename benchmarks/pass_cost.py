@@ -22,7 +22,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .models import PRESETS, build_model
+from .models import PRESETS, build_model, training_copy
 
 # operators that stall the host on a GPU: a scalar read, or an output whose size depends on values
 SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
@@ -109,11 +109,7 @@ def batches_for(preset: dict, n: int, seed: int = 1) -> list[dict]:
 def training_step_cost(model, batch, frozen: bool = False) -> Counted:
     """One ordinary training forward+backward (the model's own mean loss); ``frozen``: parameters
     without gradients, the input embeddings made to require one (what a frozen pass differentiates)."""
-    model = copy.deepcopy(model).train()
-    for p in model.parameters():
-        p.requires_grad_(not frozen)
-    if frozen:
-        model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    model = training_copy(model, frozen).train()
     model(**batch).loss.backward()  # warm: lazy initialisation out of the count
     model.zero_grad(set_to_none=True)
     with Counted() as counted:

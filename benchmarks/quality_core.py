@@ -12,6 +12,17 @@ FILET_VARIANTS = {"filet_component": {"energy": "component"}, "filet_uniform": {
 KASA = ("kasa", "peft_kasa")  # trained with KaSA's regulariser added to the loss, as the paper does
 
 
+def with_int_steps(run: dict) -> dict:
+    """A run read back from JSON (whose object keys are strings) with its curve keyed by step again."""
+    return dict(run, curve={int(k): v for k, v in run["curve"].items()})
+
+
+def best_rates(runs: list[dict]) -> str:
+    """``"method rate, ..."``: each method's learning rate (its first run's, the first seed's best)."""
+    return ", ".join(f"{m} {next(r['lr'] for r in runs if r['method'] == m):g}"
+                     for m in dict.fromkeys(r["method"] for r in runs))
+
+
 def spread(values: list[float]) -> float:
     """The sample standard deviation (0 for a single run)."""
     return statistics.stdev(values) if len(values) > 1 else 0.0

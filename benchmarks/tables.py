@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from .quality_core import markdown, summarise
+from .quality_core import best_rates, markdown, summarise, with_int_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ["README.md", "docs/benchmarks.md"]
@@ -35,23 +35,12 @@ def pass_cost(root: Path) -> str:
     return "\n".join(lines)
 
 
-def _quality(path: Path) -> str:
-    data = json.loads(path.read_text())
-    runs = [dict(r, curve={int(k): v for k, v in r["curve"].items()}) for r in data["runs"]]
-    args = data["args"]
-    rows = summarise(runs, args["eval_steps"])
-    table = markdown(rows, args["eval_steps"], args["seeds"], header="")
-    return table.strip()
-
-
 def quality_siqa(root: Path) -> str:
     """``benchmarks/results/quality_siqa/quality_siqa.json`` (the causal-LM benchmark)."""
     data = json.loads((root / "benchmarks/results/quality_siqa/quality_siqa.json").read_text())
-    runs = data["runs"]
-    rates = ", ".join(f"{m} {next(r['lr'] for r in runs if r['method'] == m):g}"
-                      for m in dict.fromkeys(r["method"] for r in runs))
-    return (_quality(root / "benchmarks/results/quality_siqa/quality_siqa.json")
-            + f"\n\nBest learning rates (seed 0): {rates}.")
+    runs, args = [with_int_steps(r) for r in data["runs"]], data["args"]
+    table = markdown(summarise(runs, args["eval_steps"]), args["eval_steps"], args["seeds"], header="").strip()
+    return f"{table}\n\nBest learning rates (seed 0): {best_rates(runs)}."
 
 
 TABLES = {"pass-cost": pass_cost, "quality-siqa": quality_siqa}

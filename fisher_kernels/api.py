@@ -28,6 +28,7 @@ from .split_work import broadcast_results, compute_in_rounds, compute_share, dea
 from .peft_wiring import (apply_base_updates, make_lora_config, remove_peft_layers, revert_base_updates,
                           wrap_with_lora)
 from . import memory
+from .files import write_text_atomically
 from ._version import __version__
 from .statistics.batches import first_tensor
 from .statistics import KFACStatistics, collect_statistics, model_fingerprint
@@ -88,12 +89,8 @@ class InitReport:
     def save(self, path) -> None:
         """Write :meth:`to_dict` as JSON (e.g. beside a saved adapter), whole or not at all."""
         import json
-        import os
 
-        partial = f"{path}.partial"
-        with open(partial, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(partial, str(path))
+        write_text_atomically(path, json.dumps(self.to_dict(), indent=1))
 
 
 def _check_rank(r, name: str = "r") -> int:

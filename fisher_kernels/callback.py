@@ -29,11 +29,12 @@ import os
 import warnings
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from .methods.common import LayerInit
-from .peft_wiring import apply_base_updates
+from .peft_wiring import apply_base_updates, revert_base_updates
 
 logger = logging.getLogger(__name__)
 
@@ -177,24 +178,18 @@ class FisherInitCallback(TrainerCallback):
                     "original weights. Resume from a checkpoint saved with FisherInitCallback in the callbacks, or "
                     "load the saved residual base model instead of the original one")
             return
-        from safetensors import safe_open
-
         with safe_open(found, framework="pt") as f:
             metadata = f.metadata()
         names = json.loads(metadata["layers"])
         expected = json.loads(metadata["residual_sums"])
+        self._residual = load_file(found)  # and into the checkpoints of the resumed run
         base = model.get_base_model()
         if _close(_weight_sums(base, names), expected):
-            self._residual = load_file(found)
             logger.info("FisherInitCallback: the base weights already hold the residual of %s", found)
             return
-        tensors = load_file(found)
-        self._residual = tensors  # and into the checkpoints of the resumed run
-        inits = {n: LayerInit(None, None, (tensors[f"{n}::P"], tensors[f"{n}::Q"])) for n in names}
+        inits = {n: LayerInit(None, None, (self._residual[f"{n}::P"], self._residual[f"{n}::Q"])) for n in names}
         written = apply_base_updates(base, inits)
         if not _close(_weight_sums(base, names), expected):
-            from .peft_wiring import revert_base_updates
-
             revert_base_updates(base, written)
             raise ValueError(f"the model's base weights are neither the original ones nor the residual of {found}: "
                              "resume with the model the run started from")

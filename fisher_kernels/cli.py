@@ -22,6 +22,7 @@ import random
 import sys
 from pathlib import Path
 
+from .device_memory import process_memory
 from .peft_wiring import check_output_dirs
 
 REPORT_NAME = "fisher_kernels_report.json"
@@ -66,18 +67,6 @@ def _loaded(load, directory: str, what: str, **kwargs):
     except Exception as err:  # transformers/safetensors raise many types, often with multi-line messages
         first = (str(err).strip().splitlines() or [""])[0]
         raise ValueError(f"{directory}: cannot load {what} ({type(err).__name__}: {first})") from None
-
-
-def _resident_bytes() -> int | None:
-    """This process's resident memory (Linux), or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _memory(text: str):
@@ -269,7 +258,7 @@ def command_estimate(args) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     estimate = estimate_memory(model, method=args.method, r=args.r, batch_size=args.batch_size, seq_len=args.seq_len)
     print(estimate)
-    resident = _resident_bytes()
+    resident = process_memory("VmRSS")
     if resident is not None and args.device_kind == "cpu":  # on a GPU the process's host memory is not the device's
         print(f"plus this process's own memory (Python, torch, transformers; measured now): {resident / 2**30:.2f} GiB, "
               f"so about {(estimate.peak_bytes + resident) / 2**30:.2f} GiB of RAM in all")

@@ -22,3 +22,16 @@ def available_memory(device) -> tuple[int, str]:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "os.sysconf(SC_AVPHYS_PAGES)"
+
+
+def process_memory(field: str = "VmRSS") -> int | None:
+    """This process's memory in bytes from ``/proc/self/status`` (``VmRSS``: resident now; ``VmHWM``:
+    its peak), or None where there is no such file (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .conversion import save_initial_adapter
+from .files import write_text_atomically
 from .layers import row_blocks, update_rows, weight_matrix
 from .sharded import is_partitioned, is_sharded, local_update_factors, modify_whole_
 from .methods import LayerInit
@@ -351,8 +352,6 @@ def _point_adapter_configs_at(adapter_dir, base_dir) -> None:
             with open(path) as f:
                 config = json.load(f)
             config["base_model_name_or_path"] = os.path.abspath(str(base_dir))
-            with open(path + ".partial", "w") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
-            os.replace(path + ".partial", path)
+            write_text_atomically(path, json.dumps(config, indent=2, sort_keys=True))
 
 

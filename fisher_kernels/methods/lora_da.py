@@ -45,7 +45,6 @@ def top_singular_value(matrix: torch.Tensor, max_iter: int = 200, rtol: float = 
     v = v / v.norm()
     sigma = matrix.new_zeros(())
     for start in range(0, max_iter, check_every):
-        previous = sigma
         for _ in range(min(check_every, max_iter - start)):
             w = matrix.T @ (matrix @ v)
             v = w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)  # M = 0: v = 0, sigma = 0

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .._version import __version__
+from ..files import write_atomically
 from .fingerprint import model_fingerprint, tensor_hash
 
 FORMAT = "fisher_kernels.statistics/3"
@@ -58,13 +58,7 @@ def write_statistics(stats, path) -> None:
         "checksums": json.dumps({key: f"{tensor_hash(value):016x}" for key, value in tensors.items()}),
     }
     metadata["header_checksum"] = header_checksum(metadata)
-    partial = f"{path}.partial"  # written whole, then renamed: a failed save leaves what was there
-    try:
-        save_file(tensors, partial, metadata=metadata)
-        os.replace(partial, str(path))
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    write_atomically(path, lambda target: save_file(tensors, target, metadata=metadata))
 
 
 def read_statistics(path, model: nn.Module | None = None, device=None) -> tuple[dict, dict[str, dict]]:

@@ -24,7 +24,7 @@ from ..ops import cublas, get_ops
 from .batches import (IGNORE_INDEX, LOSS_WEIGHTINGS, as_batches, counted_labels, is_causal_lm, prepare_batch,
                       sampled_label_loss, split_batch, summed_model_loss)
 from .containers import KFACStatistics, LayerStatistics, StatisticsRequest
-from .fingerprint import model_fingerprint, tensor_hash_on_device
+from .fingerprint import model_fingerprint, read_together, tensor_hash_on_device
 from .model_state import PreservedModelState
 
 logger = logging.getLogger(__name__)
@@ -145,16 +145,7 @@ class DeferredCounts:
 
     def read(self) -> list[int]:
         """Every value kept, as ints (one read per device holding any)."""
-        out: list[int | None] = [v if isinstance(v, int) else None for v in self._values]
-        by_device: dict[torch.device, list[int]] = {}
-        for i, value in enumerate(self._values):
-            if isinstance(value, torch.Tensor):
-                by_device.setdefault(value.device, []).append(i)
-        for indices in by_device.values():
-            read = torch.stack([self._values[i].to(torch.int64) for i in indices]).tolist()
-            for i, value in zip(indices, read):
-                out[i] = value
-        return out
+        return read_together(self._values)
 
 
 _CROSS_ATTENTION = ("encoder_attn", "EncDecAttention", "crossattention")
@@ -173,6 +164,9 @@ def token_side(name: str) -> str:
 class _StatisticsHooks:
     def __init__(self, model: nn.Module, requests: dict[str, StatisticsRequest], ops, device):
         modules = dict(model.named_modules())
+        unknown = [name for name in requests if name not in modules]
+        if unknown:
+            raise ValueError(f"requests name layers the model does not have: {unknown[:5]}")
         self.ops = ops
         self.layers = {name: _LayerAccumulator(name, modules[name], req, device) for name, req in requests.items()}
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
@@ -554,10 +548,6 @@ def collect_statistics(
                                                     for r in requests.values()):
         raise TypeError("requests must be a dict {layer name: StatisticsRequest(...)}, e.g. "
                         f"full_statistics_requests(model); got {type(requests).__name__}")
-    modules = dict(model.named_modules())
-    unknown = [name for name in requests if name not in modules]
-    if unknown:
-        raise ValueError(f"requests name layers the model does not have: {unknown[:5]}")
     if loader is not None and not hasattr(loader, "__iter__"):
         raise TypeError(f"loader must be an iterable of batches (a DataLoader, a list of dicts, ...), got "
                         f"{type(loader).__name__}")
@@ -934,9 +924,12 @@ def _explain_index_error(model, prepared, err: IndexError) -> None:
     ids = prepared.kwargs.get("input_ids")
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
     size = getattr(embeddings, "num_embeddings", None)
-    if isinstance(ids, torch.Tensor) and size is not None and ids.numel() and (int(ids.max()) >= size or int(ids.min()) < 0):
-        raise ValueError(f"input ids range from {int(ids.min())} to {int(ids.max())}, outside the model's vocabulary of "
-                         f"{size} (a tokenizer of another model?)") from err
+    if not isinstance(ids, torch.Tensor) or size is None or not ids.numel():
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= size:
+        raise ValueError(f"input ids range from {low} to {high}, outside the model's vocabulary of {size} (a "
+                         "tokenizer of another model?)") from err
 
 
 def _refuse_mean_loss(loss: torch.Tensor, outputs, labels, causal: bool) -> None:

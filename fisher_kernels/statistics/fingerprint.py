@@ -25,10 +25,15 @@ def tensor_hash(tensor: torch.Tensor) -> int:
     return int(tensor_hash_on_device(tensor).item()) & (2**64 - 1)
 
 
-@functools.lru_cache(maxsize=16)
-def _hash_coefficients(count: int, device: torch.device) -> torch.Tensor:
-    positions = torch.arange(count, dtype=torch.int64, device=device)
+def _coefficients(start: int, count: int, device) -> torch.Tensor:
+    """The odd pseudo-random multiplier of each position ``start .. start + count``."""
+    positions = torch.arange(start, start + count, dtype=torch.int64, device=device)
     return positions * _GOLDEN + 1442695040888963407 | 1
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_coefficients(count: int, device: torch.device) -> torch.Tensor:
+    return _coefficients(0, count, device)
 
 
 def tensor_hash_on_device(tensor: torch.Tensor) -> torch.Tensor:
@@ -42,12 +47,11 @@ def tensor_hash_on_device(tensor: torch.Tensor) -> torch.Tensor:
     if flat.is_floating_point() or flat.is_complex():
         flat = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
     if flat.numel() <= _CACHED_COEFFICIENTS:
-        return flat.to(torch.int64).mul(_hash_coefficients(flat.numel(), flat.device)).sum()
+        return flat.to(torch.int64).mul(_cached_coefficients(flat.numel(), flat.device)).sum()
     total = torch.zeros((), dtype=torch.int64, device=flat.device)
     for start in range(0, flat.numel(), _HASH_CHUNK):
         bits = flat[start:start + _HASH_CHUNK].to(torch.int64)
-        positions = torch.arange(start, start + bits.numel(), dtype=torch.int64, device=flat.device)
-        total += (bits * (positions * _GOLDEN + 1442695040888963407 | 1)).sum()
+        total += (bits * _coefficients(start, bits.numel(), flat.device)).sum()
     return total
 
 
@@ -84,11 +88,18 @@ def model_fingerprint(model: nn.Module, layer_names: list[str]) -> str:
 
 def _read(hashes: list[torch.Tensor]) -> list[int]:
     """Unsigned 64-bit values of on-device hashes, one read per device."""
-    out: list[int] = [0] * len(hashes)
+    return [value & (2**64 - 1) for value in read_together(hashes)]
+
+
+def read_together(values: list[torch.Tensor | int]) -> list[int]:
+    """0-dim integer tensors (and ints) as ints, read back with one transfer per device holding any
+    (each read stalls the host until the device has drained its queue)."""
+    out: list[int] = [v if isinstance(v, int) else 0 for v in values]
     by_device: dict[torch.device, list[int]] = {}
-    for i, h in enumerate(hashes):
-        by_device.setdefault(h.device, []).append(i)
+    for i, value in enumerate(values):
+        if isinstance(value, torch.Tensor):
+            by_device.setdefault(value.device, []).append(i)
     for indices in by_device.values():
-        for i, value in zip(indices, torch.stack([hashes[i] for i in indices]).tolist()):
-            out[i] = value & (2**64 - 1)
+        for i, value in zip(indices, torch.stack([values[i].to(torch.int64) for i in indices]).tolist()):
+            out[i] = value
     return out
