@@ -70,8 +70,52 @@ def _loaded(load, directory: str, what: str, **kwargs):
 
 
 def _memory(text: str):
-    """``--max-stats-memory``: bytes, or ``auto``."""
-    return text if text == "auto" else int(text)
+    """``--max-stats-memory``: a positive number of bytes, or ``auto``."""
+    return text if text == "auto" else _positive_int(text)
+
+
+def _positive_int(text: str) -> int:
+    """An option that counts something (a rank, a batch size, tokens): a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """``--lora-alpha``: a positive, finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    """``--lora-dropout``: a dropout probability in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1), got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """``--seed``: a non-negative integer (what ``random.Random`` and ``torch.manual_seed`` take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
 
 
 def _messages_ok(messages) -> bool:
@@ -165,6 +209,7 @@ def command_init(args) -> None:
     from .statistics.batches import CollatedExamples
 
     options = _json_options(args.options)
+    _check_init_arguments(args, options, METHODS)
     out = Path(args.out)
     if not Path(args.model).is_dir():
         raise ValueError(f"{args.model} is not a directory: give the local directory of a transformers model "
@@ -222,6 +267,24 @@ def command_init(args) -> None:
         report.save(out / "adapter" / REPORT_NAME)
     print(f"{args.method}: {len(report.layers)} layers, r = {report.r}, {report.num_batches} batches; "
           f"{report.timings['total']:.1f} s. Adapter: {where}")
+
+
+def _check_init_arguments(args, options: dict, methods) -> None:
+    """What ``init_lora`` would refuse, refused before the model loads (one line naming the flag)."""
+    if args.rank_budget is None and (args.min_rank != 1 or args.max_rank is not None):
+        raise ValueError("--min-rank and --max-rank bound the per-layer ranks of a --rank-budget: give --rank-budget "
+                         "too (without it every layer gets --r)")
+    if args.rank_budget is not None and args.method != "filet":
+        raise ValueError(f"--rank-budget spreads ranks by FILet's Fisher energies: use --method filet, not "
+                         f"{args.method}")
+    if args.max_rank is not None and args.max_rank < args.min_rank:
+        raise ValueError(f"--max-rank {args.max_rank} is below --min-rank {args.min_rank}")
+    if args.statistics is not None and args.save_statistics is not None:
+        raise ValueError("--statistics reuses saved statistics and --save-statistics collects new ones: give one")
+    unknown = sorted(set(options) - set(methods[args.method].option_names()))
+    if unknown:
+        raise ValueError(f"--options: method {args.method!r} has no option {', '.join(unknown)}; it accepts "
+                         f"{', '.join(methods[args.method].option_names()) or 'none'}")
 
 
 def command_convert(args) -> None:
@@ -300,27 +363,27 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("data", nargs="?", help="JSONL: one {'text': ...}, {'messages': [...]} or {'prompt': ..., "
                       "'completion': ...} per line (not needed by pissa, milora, kasa, gaussian)")
     init.add_argument("--method", default="filet", choices=sorted(METHODS), help="the initialisation")
-    init.add_argument("--r", type=int, default=16, help="LoRA rank")
-    init.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: r, a scale of 1)")
-    init.add_argument("--max-length", type=int, default=512, help="tokens per example (truncated)")
-    init.add_argument("--num-batches", type=int, default=None, help="use at most this many batches (default: all)")
-    init.add_argument("--batch-size", type=int, default=8, help="examples per calibration batch")
-    init.add_argument("--micro-batch-size", type=int, default=None,
+    init.add_argument("--r", type=_positive_int, default=16, help="LoRA rank")
+    init.add_argument("--lora-alpha", type=_positive_float, default=None, help="LoRA alpha (default: r, a scale of 1)")
+    init.add_argument("--max-length", type=_positive_int, default=512, help="tokens per example (truncated)")
+    init.add_argument("--num-batches", type=_positive_int, default=None, help="use at most this many batches (default: all)")
+    init.add_argument("--batch-size", type=_positive_int, default=8, help="examples per calibration batch")
+    init.add_argument("--micro-batch-size", type=_positive_int, default=None,
                       help="run each batch as forward+backward passes of at most this many examples (less memory)")
     init.add_argument("--shuffle", action="store_true", help="shuffle the examples (with --seed) before batching")
-    init.add_argument("--seed", type=int, default=0, help="seed of --shuffle and of the method")
+    init.add_argument("--seed", type=_seed, default=0, help="seed of --shuffle and of the method")
     init.add_argument("--target-modules", default=None,
                       help="comma-separated layer names, as LoraConfig's target_modules (default: every linear "
                            "layer of the blocks)")
-    init.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout of the saved adapter")
+    init.add_argument("--lora-dropout", type=_probability, default=0.0, help="LoRA dropout of the saved adapter")
     init.add_argument("--token-mask", default="attention", choices=["attention", "labels"],
                       help="which tokens the statistics count (default: every non-padding token)")
     init.add_argument("--fisher", default="empirical", choices=["empirical", "true"],
                       help="labels from the data, or sampled from the model's own predictions")
-    init.add_argument("--rank-budget", type=int, default=None,
+    init.add_argument("--rank-budget", type=_positive_int, default=None,
                       help="FILet: the total rank over all layers, spread by Fisher energy")
-    init.add_argument("--min-rank", type=int, default=1, help="with --rank-budget: the least rank of a layer")
-    init.add_argument("--max-rank", type=int, default=None, help="with --rank-budget: the most rank of a layer")
+    init.add_argument("--min-rank", type=_positive_int, default=1, help="with --rank-budget: the least rank of a layer")
+    init.add_argument("--max-rank", type=_positive_int, default=None, help="with --rank-budget: the most rank of a layer")
     init.add_argument("--max-stats-memory", type=_memory, default=None,
                       help="bytes of statistics held at once, or 'auto' (several passes when they do not fit)")
     init.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -338,9 +401,9 @@ def parser() -> argparse.ArgumentParser:
                                           "model's config alone (built on the meta device).", formatter_class=_Help)
     estimate.add_argument("model", help="local directory (or hub id, if cached) holding the model's config.json")
     estimate.add_argument("--method", default="filet", choices=sorted(METHODS), help="the initialisation")
-    estimate.add_argument("--r", type=int, default=16, help="LoRA rank")
-    estimate.add_argument("--batch-size", type=int, default=8, help="sequences per calibration batch")
-    estimate.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (init pads to the longest)")
+    estimate.add_argument("--r", type=_positive_int, default=16, help="LoRA rank")
+    estimate.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per calibration batch")
+    estimate.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence (init pads to the longest)")
     estimate.add_argument("--device-kind", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"],
                           help="where init will run (on the CPU the process's own memory is added)")
     estimate.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

@@ -15,8 +15,11 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 
 import torch
+
+from .files import publish_directories, staging_directory
 
 INITIAL_ADAPTER_FILE = "fisher_kernels_initial_adapter.safetensors"
 
@@ -106,6 +109,10 @@ def save_as_plain_lora(peft_model, output_dir, initial_adapter=None, adapter: st
     config.r = 2 * config.r
     config.lora_alpha = scale * (math.sqrt(config.r) if config.use_rslora else config.r)
     config.init_lora_weights = True
-    os.makedirs(output_dir, exist_ok=True)
-    config.save_pretrained(str(output_dir))
-    save_file(converted, os.path.join(str(output_dir), "adapter_model.safetensors"))
+    staged = staging_directory(output_dir)
+    try:  # written whole under a temporary name, then moved into place: a failure leaves output_dir as it was
+        config.save_pretrained(staged)
+        save_file(converted, os.path.join(staged, "adapter_model.safetensors"))
+        publish_directories([(staged, str(output_dir))])
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .conversion import save_initial_adapter
-from .files import write_text_atomically
+from .files import publish_directories, staging_directory, write_text_atomically
 from .layers import row_blocks, update_rows, weight_matrix
 from .sharded import is_partitioned, is_sharded, local_update_factors, modify_whole_
 from .methods import LayerInit
@@ -295,7 +295,7 @@ def save_residual_model(peft_model, adapter_dir: str, base_dir: str) -> None:
                         "as usual (peft_model.save_pretrained)")
     source = getattr(getattr(peft_model.get_base_model(), "config", None), "_name_or_path", None)
     check_output_dirs(adapter_dir, base_dir, source)
-    adapter_tmp, base_tmp = _staging(adapter_dir), _staging(base_dir)
+    adapter_tmp, base_tmp = staging_directory(adapter_dir), staging_directory(base_dir)
     try:  # everything is written under temporary names first: a failure leaves the directories as they were
         peft_model.save_pretrained(adapter_tmp)
         report = getattr(peft_model, "fisher_kernels_report", None)
@@ -306,37 +306,10 @@ def save_residual_model(peft_model, adapter_dir: str, base_dir: str) -> None:
         base = copy.deepcopy(peft_model).unload()
         base.save_pretrained(base_tmp)
         _point_adapter_configs_at(adapter_tmp, base_dir)
-        _publish(adapter_tmp, adapter_dir)
-        _publish(base_tmp, base_dir)
+        publish_directories([(adapter_tmp, adapter_dir), (base_tmp, base_dir)])  # both, or neither
     finally:
         for tmp in (adapter_tmp, base_tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _staging(directory) -> str:
-    """A fresh temporary directory beside ``directory`` (same file system: renames are atomic)."""
-    import os
-    import tempfile
-
-    parent = os.path.dirname(os.path.abspath(str(directory)))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(str(directory))}.partial-", dir=parent)
-
-
-def _publish(staged: str, directory) -> None:
-    """Move what was written under ``staged`` to ``directory``: a rename when it does not exist yet, else
-    file by file (each replaced atomically; files of ``directory`` that were not written stay)."""
-    import os
-
-    directory = str(directory)
-    if not os.path.exists(directory):
-        os.rename(staged, directory)
-        return
-    for folder, _, files in os.walk(staged):
-        target = os.path.join(directory, os.path.relpath(folder, staged))
-        os.makedirs(target, exist_ok=True)
-        for name in files:
-            os.replace(os.path.join(folder, name), os.path.join(target, name))
 
 
 def _point_adapter_configs_at(adapter_dir, base_dir) -> None:

@@ -182,3 +182,67 @@ def test_every_entry_point_refuses_bad_input_in_one_line_and_touches_nothing(cas
     assert "\n" not in str(raised.value)
     assert_same_snapshot(before, snapshot(model))
     assert sorted(p.name for p in tmp_path.parent.iterdir()) == files  # nothing written
+
+
+CLI_CASES = {  # command line after the command's own positional arguments: (exit code, what stderr's last line says)
+    "init --r 0": (["--r", "0"], 2, "argument --r: must be a positive integer, got '0'"),
+    "init --r x": (["--r", "x"], 2, "argument --r: must be a positive integer, got 'x'"),
+    "init --lora-alpha -1": (["--lora-alpha", "-1"], 2, "argument --lora-alpha: must be a positive number"),
+    "init --lora-alpha inf": (["--lora-alpha", "inf"], 2, "argument --lora-alpha: must be a positive number"),
+    "init --max-length 0": (["--max-length", "0"], 2, "argument --max-length: must be a positive integer"),
+    "init --num-batches 2.5": (["--num-batches", "2.5"], 2, "argument --num-batches: must be a positive integer"),
+    "init --batch-size 0": (["--batch-size", "0"], 2, "argument --batch-size: must be a positive integer"),
+    "init --micro-batch-size -1": (["--micro-batch-size", "-1"], 2, "argument --micro-batch-size: must be a positive"),
+    "init --seed -1": (["--seed", "-1"], 2, "argument --seed: must be a non-negative integer"),
+    "init --lora-dropout 1": (["--lora-dropout", "1"], 2, "argument --lora-dropout: must be a probability in"),
+    "init --rank-budget 0": (["--rank-budget", "0"], 2, "argument --rank-budget: must be a positive integer"),
+    "init --min-rank 0": (["--rank-budget", "8", "--min-rank", "0"], 2, "argument --min-rank: must be a positive"),
+    "init --max-stats-memory -5": (["--max-stats-memory", "-5"], 2, "argument --max-stats-memory: must be a positive"),
+    "init --method x": (["--method", "x"], 2, "argument --method: invalid choice: 'x'"),
+    "init --token-mask x": (["--token-mask", "x"], 2, "argument --token-mask: invalid choice"),
+    "init --dtype x": (["--dtype", "x"], 2, "argument --dtype: invalid choice"),
+    "init --min-rank without budget": (["--min-rank", "2"], 1, "--min-rank and --max-rank bound the per-layer ranks"),
+    "init --max-rank below --min-rank": (["--rank-budget", "8", "--min-rank", "4", "--max-rank", "2"], 1,
+                                         "--max-rank 2 is below --min-rank 4"),
+    "init --rank-budget with lora_da": (["--rank-budget", "8", "--method", "lora_da"], 1, "use --method filet"),
+    "init --statistics and --save-statistics": (["--statistics", "a", "--save-statistics", "b"], 1, "give one"),
+    "init --options unknown": (["--options", '{"nope": 1}'], 1, "--options: method 'filet' has no option nope"),
+    "init --options not JSON": (["--options", "energy=component"], 1, "--options must be a JSON object"),
+    "estimate --r 0": (["--r", "0"], 2, "argument --r: must be a positive integer"),
+    "estimate --batch-size 0": (["--batch-size", "0"], 2, "argument --batch-size: must be a positive integer"),
+    "estimate --seq-len -3": (["--seq-len", "-3"], 2, "argument --seq-len: must be a positive integer"),
+    "estimate --device-kind tpu": (["--device-kind", "tpu"], 2, "argument --device-kind: invalid choice"),
+    "convert: no initial adapter": ([], 1, "initial"),
+    "plot: no such file": ([], 1, "No such file"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_every_cli_flag_refuses_bad_values_in_one_line_before_loading_anything(case, tmp_path, capsys, monkeypatch):
+    """Each command's flags: argparse's one ``error:`` line (exit 2) or the command's one line (exit 1), before any
+    model is loaded, and nothing written."""
+    import transformers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    extra, code, message = CLI_CASES[case]
+    command = case.split()[0].rstrip(":")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "t3 t4"}\n')
+    positional = {"init": [str(model_dir), str(data), "--out", str(tmp_path / "out")], "estimate": [str(model_dir)],
+                  "convert": [str(model_dir), "--out", str(tmp_path / "out")],
+                  "plot": [str(tmp_path / "none.json"), "--out", str(tmp_path / "out")]}[command]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    try:
+        result = main([command, *positional, *extra])
+    except SystemExit as exit_:  # argparse
+        result = exit_.code
+    assert result == code
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in last, last
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
