@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -439,6 +440,8 @@ def _cuda() -> bool:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if not _cuda():  # DeepSpeed (imported by accelerate when it is installed) would warn that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         args.run(args)
     except KeyboardInterrupt:

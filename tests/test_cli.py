@@ -309,3 +309,18 @@ def test_one_pass_saved_serves_a_later_init_without_data(model_dir, data_file, t
     first = load_file(tmp_path / "first" / "adapter" / "adapter_model.safetensors")
     again = load_file(tmp_path / "again" / "adapter" / "adapter_model.safetensors")
     assert first.keys() == again.keys() and all(torch.allclose(first[k], again[k], atol=1e-6) for k in first)
+
+
+def test_a_cpu_run_prints_no_deepspeed_accelerator_warning(model_dir, data_file, tmp_path):
+    """accelerate imports DeepSpeed (when installed) while saving; without a GPU it warned on every run."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-m", "fisher_kernels.cli", "init", str(model_dir), str(data_file),
+                           "--method", "pissa", "--r", "2", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "base" / "config.json").exists()
+    output = done.stdout + done.stderr
+    assert "Setting accelerator" not in output and "FutureWarning" not in output
