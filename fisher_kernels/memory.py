@@ -10,8 +10,8 @@ from torch import nn
 from .device_memory import available_memory  # noqa: F401  (the planner's; api reads it from here)
 from .layers import check_rank_fits, layer_dims, resolve_target_modules, update_rows
 from .methods import METHODS, InitMethod, lora_scale
-from .statistics.batches import loss_row_chunks, output_logits, weighted_cross_entropy
-from .statistics.collector import WEIGHT_ROWS
+from .statistics.losses import loss_row_chunks, output_logits, weighted_cross_entropy
+from .statistics.hooks import WEIGHT_ROWS
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from benchmarks import pass_cost
 from fisher_kernels import StatisticsRequest, collect_statistics
-from fisher_kernels.statistics import batches as batches_module
+from fisher_kernels.statistics import losses as losses_module
 from tiny_models import make_model, make_samples, pad_batches
 
 PRESET = dict(pass_cost.PRESET, hidden=64, intermediate=96)
@@ -53,7 +53,7 @@ def test_the_loss_makes_no_autograd_call_per_chunk_and_chunking_changes_no_gradi
     calls = []
     grad = torch.autograd.grad
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
-    monkeypatch.setattr(batches_module, "CHUNK_ELEMENTS", 2 * 61)  # two rows a chunk: many chunks a batch
+    monkeypatch.setattr(losses_module, "CHUNK_ELEMENTS", 2 * 61)  # two rows a chunk: many chunks a batch
     chunked = collect_statistics(model, data, request, progress=False)
     assert calls == []
     assert torch.equal(chunked[name].output_factor, whole[name].output_factor)
@@ -71,16 +71,16 @@ def test_weighted_cross_entropy_equals_torch_in_value_and_gradient(dtype, monkey
     expected = (F.cross_entropy(expected_logits.float(), labels, reduction="none") * weights).sum()
     (expected * 3).backward()
     for chunk in (2**24, 5 * 97):
-        monkeypatch.setattr(batches_module, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(losses_module, "CHUNK_ELEMENTS", chunk)
         ours_logits = logits.clone().requires_grad_(True)
-        loss = batches_module.weighted_cross_entropy(ours_logits, labels, weights)
+        loss = losses_module.weighted_cross_entropy(ours_logits, labels, weights)
         (loss * 3).backward()
         torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-5)
         assert ours_logits.grad.dtype == dtype
         torch.testing.assert_close(ours_logits.grad, expected_logits.grad)
         assert not ours_logits.grad[[2, 9, 30]].any()  # ignored rows: no gradient
     with torch.no_grad():  # no gradient wanted: none computed, the same value
-        torch.testing.assert_close(batches_module.weighted_cross_entropy(logits, labels, weights), expected.detach(),
+        torch.testing.assert_close(losses_module.weighted_cross_entropy(logits, labels, weights), expected.detach(),
                                    rtol=1e-6, atol=1e-5)
 
 

@@ -180,17 +180,17 @@ def test_bf16_hooks_single_gemm_products_equal_the_blocked_ones(layer_type, monk
     widened, ``W x`` and ``Wᵀ g`` must equal the block-by-block products."""
     from transformers.pytorch_utils import Conv1D
 
-    from fisher_kernels.statistics import collector
+    from fisher_kernels.statistics import hooks
 
     torch.manual_seed(0)
     module = (torch.nn.Linear(40, 24) if layer_type == "linear" else Conv1D(24, 40)).to(torch.bfloat16)
-    layer = collector._LayerAccumulator("layer", module, StatisticsRequest(), "cpu")
+    layer = hooks.LayerAccumulator("layer", module, StatisticsRequest(), "cpu")
     x, g = torch.randn(7, 40).bfloat16(), torch.randn(7, 24).bfloat16()
     narrow = torch.empty(7, 3)  # not the layer's output: W x is recomputed
     blocked = layer.weight_times_input(x, narrow), layer.weight_transpose_times_gradient(g)
-    monkeypatch.setattr(collector, "_tensor_core_gemm", lambda W, rows: W.dtype == rows.dtype == torch.bfloat16)
-    calls, mm_fp32 = [], collector.cublas.mm_fp32
-    monkeypatch.setattr(collector.cublas, "mm_fp32", lambda a, b: calls.append(1) or mm_fp32(a, b))
+    monkeypatch.setattr(hooks, "_tensor_core_gemm", lambda W, rows: W.dtype == rows.dtype == torch.bfloat16)
+    calls, mm_fp32 = [], hooks.cublas.mm_fp32
+    monkeypatch.setattr(hooks.cublas, "mm_fp32", lambda a, b: calls.append(1) or mm_fp32(a, b))
     single = layer.weight_times_input(x, narrow), layer.weight_transpose_times_gradient(g)
     assert len(calls) == 2
     for got, expected in zip(single, blocked):
@@ -203,12 +203,12 @@ def test_filet_takes_wt_g_from_autograd_where_the_input_has_a_gradient(kind, mon
     input anyway; only layers whose input has no gradient (the first of a frozen model) multiply
     by W themselves. Same energies either way (the projected and the full route agree)."""
     from fisher_kernels import compute_initialization
-    from fisher_kernels.statistics import collector
+    from fisher_kernels.statistics import hooks
 
     model = make_model(kind)
     batches = pad_batches(make_samples(kind, n=4), 2)
-    explicit, product = [], collector._LayerAccumulator.weight_transpose_times_gradient
-    monkeypatch.setattr(collector._LayerAccumulator, "weight_transpose_times_gradient",
+    explicit, product = [], hooks.LayerAccumulator.weight_transpose_times_gradient
+    monkeypatch.setattr(hooks.LayerAccumulator, "weight_transpose_times_gradient",
                         lambda self, g: explicit.append(self.name) or product(self, g))
     projected = compute_initialization(model, batches, method="filet", r=2, progress=False)
     full = compute_initialization(model, batches, method="filet", r=2, progress=False, route="full")
