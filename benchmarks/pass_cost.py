@@ -118,23 +118,24 @@ def training_step_cost(model, batch, frozen: bool = False) -> Counted:
 
 
 def init_cost(model, batches, method: str, r: int) -> tuple[Counted, Counted]:
-    """``init_lora``'s whole cost and that of its calibration pass alone (``collect_statistics``)."""
-    from fisher_kernels import api, init_lora
+    """``init_lora``'s whole cost and that of its calibration pass alone (``run_calibration_pass``)."""
+    from fisher_kernels import init_lora
+    from fisher_kernels.pipeline import compute as api
 
     options = dict(OPTIONS.get(method, {"method": method}))
-    collect = api.collect_statistics
+    collect = api.run_calibration_pass
     passes = Counted()
 
     def counted_pass(*args, **kwargs):
         with passes:
             return collect(*args, **kwargs)
 
-    api.collect_statistics = counted_pass
+    api.run_calibration_pass = counted_pass
     try:
         with Counted() as counted:
             init_lora(copy.deepcopy(model), batches, r=r, progress=False, **options)
     finally:
-        api.collect_statistics = collect
+        api.run_calibration_pass = collect
     return counted, passes
 
 

@@ -4,7 +4,7 @@
 data's curvature says matter most, and returns a ready-to-train ``peft.PeftModel``.
 """
 
-from .api import InitReport, compute_initialization, init_lora, plan_layer_groups
+from .api import init_lora
 from .callback import FisherInitCallback
 from .conversion import save_as_plain_lora, snapshot_adapter
 from .layers import resolve_target_modules
@@ -14,6 +14,8 @@ from .ops import backends
 from .options import (FiletOptions, GaussianOptions, KaSAOptions, LoraDAOptions, LoraGAOptions, MethodOptions,
                       MiLoRAOptions, PiSSAOptions)
 from .peft_wiring import save_residual_model
+from .pipeline import InitReport, compute_initialization, plan_layer_groups
+from .settings import Calibration, RankBudget, Resources
 from .statistics import (KFACStatistics, LayerStatistics, StatisticsRequest, collect_statistics,
                          full_statistics_requests, load_statistics, save_statistics)
 
@@ -24,6 +26,6 @@ __all__ = [
     "save_statistics", "save_as_plain_lora", "snapshot_adapter", "plan_layer_groups", "backends", "save_residual_model",
     "resolve_target_modules", "InitReport", "KFACStatistics", "LayerStatistics", "StatisticsRequest", "METHODS",
     "FisherInitCallback", "MethodOptions", "FiletOptions", "LoraDAOptions", "LoraGAOptions", "KaSAOptions",
-    "PiSSAOptions", "MiLoRAOptions", "GaussianOptions",
+    "PiSSAOptions", "MiLoRAOptions", "GaussianOptions", "Calibration", "Resources", "RankBudget",
     "__version__",
 ]

@@ -117,8 +117,9 @@ class FisherInitCallback(TrainerCallback):
             base.gradient_checkpointing_disable()
         try:
             options = dict(self.options)
-            init_lora(model, batches, method=self.method, adapter_name=adapter,
-                      progress=options.pop("progress", args.disable_tqdm is not True), **options)
+            if options.get("resources") is None and "progress" not in options:  # the Trainer's own setting
+                options["progress"] = args.disable_tqdm is not True
+            init_lora(model, batches, method=self.method, adapter_name=adapter, **options)
         finally:
             if checkpointing:
                 base.gradient_checkpointing_enable(

@@ -204,7 +204,7 @@ def command_init(args) -> None:
 
     from peft import LoraConfig
 
-    from . import (KFACStatistics, collect_statistics, full_statistics_requests, init_lora, resolve_target_modules,
+    from . import (Calibration, KFACStatistics, RankBudget, Resources, collect_statistics, full_statistics_requests, init_lora, resolve_target_modules,
                    save_residual_model)
     from .methods import METHODS
     from .statistics.batches import CollatedExamples
@@ -237,25 +237,25 @@ def command_init(args) -> None:
     lora_config = LoraConfig(r=args.r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.r,
                              lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
                              target_modules=args.target_modules.split(",") if args.target_modules else None)
-    budget = dict(rank_budget=args.rank_budget, min_rank=args.min_rank, max_rank=args.max_rank) \
-        if args.rank_budget is not None else {}
+    budget = RankBudget(args.rank_budget, args.min_rank, args.max_rank) if args.rank_budget is not None else None
+    calibration = Calibration(num_batches=args.num_batches, token_mask=args.token_mask, fisher=args.fisher,
+                              label_seed=args.seed, micro_batch_size=args.micro_batch_size)
     statistics = None
     if args.statistics is not None:  # an earlier pass's, checked against this model
         statistics = KFACStatistics.load(args.statistics, model=model, device=args.device)
     elif args.save_statistics is not None and needs_data:  # one pass of everything, saved for other methods
         targets = resolve_target_modules(model, lora_config.target_modules)
         statistics = collect_statistics(model, loader, full_statistics_requests(model, targets),
-                                        token_mask=args.token_mask, fisher=args.fisher, num_batches=args.num_batches,
-                                        micro_batch_size=args.micro_batch_size, seed=args.seed,
-                                        loss_weighting=METHODS[args.method].loss_weighting)
+                                        calibration=calibration, loss_weighting=METHODS[args.method].loss_weighting)
         statistics.save(args.save_statistics)
         print(f"statistics of every target layer saved to {args.save_statistics} (reuse: --statistics, with a "
               f"method whose loss weighting is {statistics.loss_weighting!r})")
+    if "seed" in METHODS[args.method].option_names():  # --seed is the method's seed too (KaSA, LoRA-GA)
+        options.setdefault("seed", args.seed)
     peft_model = init_lora(model, None if statistics is not None else loader, method=args.method,
-                           lora_config=lora_config, num_batches=args.num_batches, token_mask=args.token_mask,
-                           fisher=args.fisher, seed=args.seed, micro_batch_size=args.micro_batch_size,
-                           max_stats_memory=args.max_stats_memory, statistics=statistics, progress=True,
-                           **budget, **options)
+                           lora_config=lora_config, statistics=statistics, calibration=calibration,
+                           resources=Resources(max_stats_memory=args.max_stats_memory, progress=True),
+                           rank_budget=budget, **options)
     report = peft_model.fisher_kernels_report
     if report.residual_base:
         save_residual_model(peft_model, out / "adapter", out / "base")

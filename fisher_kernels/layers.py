@@ -6,7 +6,6 @@ GPT-2's ``Conv1D`` stores ``Wᵀ``; the helpers here hide that.
 
 from __future__ import annotations
 
-import contextvars
 
 import torch
 from torch import nn
@@ -148,15 +147,9 @@ def update_rows(d_in: int, device=None) -> int:
     return max(1, entries // d_in)
 
 
-# set while a rank budget's factors are computed: r is then each layer's cap, min(r, the layer's min(d))
-RANK_IS_A_CAP = contextvars.ContextVar("fisher_kernels_rank_is_a_cap", default=False)
-
-
 def check_rank_fits(model: nn.Module, names: list[str], r: int) -> None:
-    """Refuse a rank larger than a target layer's ``min(d_out, d_in)`` (unless ``r`` is a rank
-    budget's per-layer cap, see :data:`RANK_IS_A_CAP`)."""
-    if RANK_IS_A_CAP.get():
-        return
+    """Refuse a rank larger than a target layer's ``min(d_out, d_in)`` (a rank budget's per-layer
+    cap is not checked here: each layer takes ``min(cap, its min(d))``)."""
     for name in names:
         d_out, d_in = layer_dims(model.get_submodule(name))
         if r > min(d_out, d_in):

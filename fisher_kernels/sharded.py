@@ -20,22 +20,11 @@ tensor-parallel ``DTensor``\\ s outside FSDP, and two-dimensional (HSDP) meshes.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 from collections.abc import Mapping
 
 import torch
 from torch import nn
-
-# The module a calibration pass calls instead of the model it measures: a sharded PeftModel's base
-# model is run through the PeftModel, FSDP's root, whose forward gathers the weights held at the root
-# (embeddings, head) and which must be the first FSDP module to run forward.
-CALLED_MODULE: contextvars.ContextVar = contextvars.ContextVar("fisher_kernels_called_module", default=None)
-
-
-def called_module(model: nn.Module) -> nn.Module:
-    """What a calibration pass over ``model`` calls (``model`` itself unless :data:`CALLED_MODULE` is set)."""
-    return CALLED_MODULE.get() or model
 
 
 @functools.cache

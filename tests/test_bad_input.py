@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import assert_same_snapshot, snapshot
-from fisher_kernels import FisherInitCallback, init_lora, save_residual_model
+from fisher_kernels import Calibration, FisherInitCallback, RankBudget, Resources, init_lora, save_residual_model
 from fisher_kernels.cli import main
 from tiny_models import make_model, make_samples, pad_batches
 
@@ -14,14 +14,15 @@ INIT_CASES = {  # keyword arguments: (exception, what the message must say)
     "rank_budget=0": (dict(rank_budget=0), ValueError, "rank_budget must be a positive integer, got 0"),
     "rank_budget=-5": (dict(rank_budget=-5), ValueError, "rank_budget must be a positive integer, got -5"),
     "rank_budget=14.0": (dict(rank_budget=14.0), ValueError, "rank_budget must be a positive integer, got 14.0"),
-    "min_rank=0": (dict(rank_budget=20, min_rank=0), ValueError, "min_rank must be a positive integer, got 0"),
-    "max_rank=0": (dict(rank_budget=20, max_rank=0), ValueError, "max_rank must be a positive integer, got 0"),
-    "min_rank without budget": (dict(min_rank=2), ValueError, "min_rank and max_rank bound the per-layer ranks"),
-    "max_rank without budget": (dict(max_rank=4), ValueError, "pass rank_budget too"),
     "lora_alpha='8'": (dict(lora_alpha="8"), ValueError, "lora_alpha must be a positive number, got '8'"),
     "lora_alpha=inf": (dict(lora_alpha=float("inf")), ValueError, "lora_alpha must be a positive number, got inf"),
     "lora_alpha=0": (dict(lora_alpha=0), ValueError, "lora_alpha must be positive"),
     "r=0": (dict(r=0), ValueError, "r must be a positive integer, got 0"),
+    "min_rank as a keyword": (dict(rank_budget=20, min_rank=2), TypeError,
+                              "min_rank and max_rank go into rank_budget=RankBudget"),
+    "seed as a keyword for filet": (dict(seed=3), TypeError, "Calibration(label_seed=...)"),
+    "num_batches given twice": (dict(num_batches=2, calibration="set below"), TypeError,
+                                "give num_batches either in Calibration"),
     "adapter_name on a base model": (dict(adapter_name="mine"), ValueError, "adapter_name='mine'"),
 }
 
@@ -29,12 +30,43 @@ INIT_CASES = {  # keyword arguments: (exception, what the message must say)
 @pytest.mark.parametrize("case", list(INIT_CASES))
 def test_init_lora_refuses_bad_arguments_in_one_line(case):
     options, error, message = INIT_CASES[case]
+    if options.get("calibration") == "set below":
+        options = dict(options, calibration=Calibration())
     model = make_model("llama")
     before = snapshot(model)
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")) as raised:
         init_lora(model, pad_batches(make_samples("llama", n=2), 2), progress=False, **options)
     assert "\n" not in str(raised.value)
     assert_same_snapshot(before, snapshot(model))
+
+
+SETTINGS_CASES = {  # a settings group made with a bad value: (exception, what the one line says)
+    "Calibration(num_batches=0)": (lambda: Calibration(num_batches=0), ValueError, "num_batches must be a positive"),
+    "Calibration(micro_batch_size=1.5)": (lambda: Calibration(micro_batch_size=1.5), ValueError,
+                                          "micro_batch_size must be a positive integer, got 1.5"),
+    "Calibration(loss_fn=3)": (lambda: Calibration(loss_fn=3), TypeError, "loss_fn must be callable"),
+    "Calibration(token_mask='x')": (lambda: Calibration(token_mask="x"), ValueError, "token_mask must be"),
+    "Calibration(fisher='x')": (lambda: Calibration(fisher="x"), ValueError, "fisher must be 'empirical' or 'true'"),
+    "Calibration(label_seed=-1)": (lambda: Calibration(label_seed=-1), ValueError, "label_seed must be a non-negative"),
+    "Resources(max_stats_memory=-1)": (lambda: Resources(max_stats_memory=-1), ValueError,
+                                       "max_stats_memory must be a positive number of bytes or 'auto', got -1"),
+    "Resources(distributed='yes')": (lambda: Resources(distributed="yes"), ValueError, "distributed must be None"),
+    "Resources(backend=3)": (lambda: Resources(backend=3), TypeError, "backend must be a name"),
+    "RankBudget(0)": (lambda: RankBudget(0), ValueError, "rank_budget must be a positive integer, got 0"),
+    "RankBudget(20, min_rank=0)": (lambda: RankBudget(20, min_rank=0), ValueError, "min_rank must be a positive"),
+    "RankBudget(20, max_rank=0)": (lambda: RankBudget(20, max_rank=0), ValueError, "max_rank must be a positive"),
+    "RankBudget(20, 4, 2)": (lambda: RankBudget(20, 4, 2), ValueError, "max_rank=2 is below min_rank=4"),
+    "init_lora(calibration=dict)": (lambda: init_lora(make_model("llama"), calibration={"num_batches": 2}), TypeError,
+                                    "calibration must be a Calibration"),
+}
+
+
+@pytest.mark.parametrize("case", list(SETTINGS_CASES))
+def test_settings_refuse_bad_values_when_made(case):
+    make, error, message = SETTINGS_CASES[case]
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")) as raised:
+        make()
+    assert "\n" not in str(raised.value)
 
 
 @pytest.mark.parametrize("num_batches", [0, -1, 2.5, "2", True])

@@ -352,7 +352,7 @@ def _fsdp_uneven_rank_main(rank, world_size, init_file, out_dir, case):
             torch.save(outcome, os.path.join(out_dir, f"{case}{rank}.pt"))
             return
         if case == "fault":  # the last stage fails after the residual went into the shards: all is put back
-            import fisher_kernels.api as api
+            import fisher_kernels.pipeline.write as write
             from fisher_kernels.sharded import whole
 
             before = {name: whole(p).clone() for name, p in model.named_parameters()}
@@ -361,7 +361,7 @@ def _fsdp_uneven_rank_main(rank, world_size, init_file, out_dir, case):
             def injected(*args, **kwargs):
                 raise RuntimeError("injected fault")
 
-            api.average_gradients_over_ranks = injected
+            write.average_gradients_over_ranks = injected
             try:
                 init_lora(model, pad_batches(samples, 2)[rank::2], r=3, progress=False)
                 outcome = "no error"

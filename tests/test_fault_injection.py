@@ -10,7 +10,7 @@ import torch
 
 import peft
 
-import fisher_kernels.api as api
+import fisher_kernels.pipeline.write as write
 import fisher_kernels.peft_wiring as wiring
 from conftest import assert_same_snapshot, snapshot
 from fisher_kernels import init_lora
@@ -42,9 +42,9 @@ STAGES = {
     # where: (module, attribute, calls let through, raise after the call)
     "peft wrapping": (peft, "get_peft_model", 0, True),
     "adapter values": (wiring, "_materialise_kasa_adapter", 2, False),
-    "adapter snapshot": (api, "snapshot_adapter", 0, False),
+    "adapter snapshot": (write, "snapshot_adapter", 0, False),
     "base weights": (wiring, "add_low_rank_", 3, False),
-    "report": (api, "_attach_report", 0, False),
+    "report": (write, "attach_report", 0, False),
 }
 
 
@@ -120,7 +120,7 @@ def test_a_failed_init_of_a_bf16_model_restores_its_weights_through_the_row_bloc
     monkeypatch.setattr(layers, "UPDATE_ENTRIES", 24 * 5)  # 5 rows at a time: several blocks per weight
     model = make_model("llama").to(torch.bfloat16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(api, "_attach_report", failing_after(0, Injected)(api._attach_report))
+    monkeypatch.setattr(write, "attach_report", failing_after(0, Injected)(write.attach_report))
     with pytest.raises(Injected):
         init_lora(model, pad_batches(make_samples("llama", n=4), 2) if method == "filet" else None, method=method,
                   r=2, progress=False)

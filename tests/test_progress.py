@@ -3,14 +3,15 @@ more than a second, no warning from other packages' deprecations."""
 
 import warnings
 
-from fisher_kernels import api, init_lora
+from fisher_kernels import init_lora
+from fisher_kernels.pipeline import executor
 from tiny_models import make_model, make_samples, pad_batches
 
 
 def test_a_summary_line_then_a_bar_for_each_stage(monkeypatch, capsys):
     stages = []
-    real = api._stage
-    monkeypatch.setattr(api, "_stage", lambda items, name, progress, total=None: stages.append((name, progress))
+    real = executor.stage_bar
+    monkeypatch.setattr(executor, "stage_bar", lambda items, name, progress, total=None: stages.append((name, progress))
                         or real(items, name, progress, total))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # PEFT's read of a deprecated transformers property is hidden

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fisher_kernels import compute_initialization, init_lora
+from fisher_kernels import RankBudget, compute_initialization, init_lora
 from fisher_kernels.rank_allocation import allocate_ranks
 from tiny_models import make_model, make_samples, pad_batches
 
@@ -77,7 +77,7 @@ def test_each_layer_is_capped_at_its_own_width_not_the_narrowest_layers():
     more than 12 (every layer used to be capped at 12, the budget refused as 'between 14 and 168')."""
     model = make_model("llama")
     peft_model = init_lora(copy.deepcopy(model), pad_batches(make_samples("llama", n=4), 2), method="filet", r=8,
-                           rank_budget=200, max_rank=20, max_stats_memory="auto", progress=False)  # the plan sees caps
+                           rank_budget=RankBudget(200, max_rank=20), max_stats_memory="auto", progress=False)  # the plan sees caps
     ranks = peft_model.fisher_kernels_report.ranks
     assert sum(ranks.values()) == 200 and max(ranks.values()) > 12 and max(ranks.values()) <= 20
     assert all(r <= 12 for n, r in ranks.items() if n.endswith(("k_proj", "v_proj")))

@@ -130,13 +130,13 @@ def test_true_fisher_is_seeded_and_differs_from_empirical():
     batches = pad_batches(make_samples("llama", n=4), 2)
     name = "model.layers.1.mlp.down_proj"
     req = {name: StatisticsRequest(output_factor=True)}
-    a = collect_statistics(model, batches, req, fisher="true", seed=3, progress=False)
-    b = collect_statistics(model, batches, req, fisher="true", seed=3, progress=False)
+    a = collect_statistics(model, batches, req, fisher="true", label_seed=3, progress=False)
+    b = collect_statistics(model, batches, req, fisher="true", label_seed=3, progress=False)
     emp = collect_statistics(model, batches, req, progress=False)
     assert torch.equal(a[name].output_factor, b[name].output_factor)
     assert not torch.allclose(a[name].output_factor, emp[name].output_factor)
     no_labels = [{k: v for k, v in bt.items() if k != "labels"} for bt in batches]
-    c = collect_statistics(model, no_labels, req, fisher="true", seed=3, progress=False)
+    c = collect_statistics(model, no_labels, req, fisher="true", label_seed=3, progress=False)
     assert torch.equal(a[name].output_factor, c[name].output_factor)
 
 

@@ -22,6 +22,7 @@ from ..ops import get_ops
 from .batches import IGNORE_INDEX, as_batches, prepare_batch, split_batch
 from .hooks import DeferredCounts, StatisticsHooks
 from .lockstep import Lockstep, exchange_pass_status, in_process_group, refuse_padded_shards
+from ..settings import Calibration, Resources, grouped
 from .losses import LOSS_WEIGHTINGS, batch_loss, check_losses_finite, counted_labels, is_causal_lm
 from .containers import KFACStatistics, StatisticsRequest
 from .fingerprint import model_fingerprint, tensor_hash_on_device
@@ -41,17 +42,11 @@ def collect_statistics(
     loader,
     requests: dict[str, StatisticsRequest],
     *,
-    loss_fn=None,
-    token_mask: str = "attention",
-    fisher: str = "empirical",
-    num_batches: int | None = None,
-    backend: str = "auto",
-    progress: bool = True,
-    seed: int = 0,
+    calibration: Calibration | None = None,
+    resources: Resources | None = None,
     loss_weighting: str = "token",
-    micro_batch_size: int | None = None,
-    distributed: bool | None = None,
     fingerprint: bool = True,
+    **settings,
 ) -> KFACStatistics:
     """Run one calibration pass over ``loader`` and return the requested statistics.
 
@@ -60,25 +55,20 @@ def collect_statistics(
         loader: iterable of batches: dicts of tensors with ``labels`` (unless ``loss_fn`` is
             given or ``fisher="true"``), or ``(inputs, targets)`` pairs with ``loss_fn``.
         requests: ``{layer name: StatisticsRequest}``.
-        loss_fn: ``(outputs, targets) -> loss`` returning the **sum** of per-token (or
-            per-sample) losses, e.g. ``nn.CrossEntropyLoss(reduction="sum")``. Without it the
-            loss is recomputed as a sum from ``outputs.logits`` and ``labels``, checked on the
-            first batch against the model's own (mean) loss.
-        token_mask: ``"attention"`` counts tokens with ``attention_mask == 1`` (all tokens
-            without a mask); ``"labels"`` counts positions that contribute to the loss.
-        fisher: ``"empirical"`` (labels from the data) or ``"true"`` (labels sampled from the
-            model's predictive distribution, seeded by ``seed``).
-        num_batches: stop after this many batches.
-        backend: statistics backend, see :func:`fisher_kernels.backends`.
+        calibration: :class:`~fisher_kernels.Calibration` (number of batches, ``loss_fn``
+            returning the **sum** of per-token or per-sample losses, token mask, empirical or
+            true Fisher, label seed, micro-batches). Without ``loss_fn`` the loss is recomputed
+            as a sum from ``outputs.logits`` and ``labels``, checked on the first batch against
+            the model's own (mean) loss.
+        resources: :class:`~fisher_kernels.Resources` (kernels backend, ``distributed``,
+            ``progress``; ``max_stats_memory`` is for ``init_lora``).
+        **settings: any field of ``Calibration`` or ``Resources`` as a keyword.
         loss_weighting: how the back-propagated loss weights positions: ``"token"`` (default:
             the sum over counted labels, so statistics do not depend on batching), ``"sequence"``
             (sum over sequences of each one's mean loss, LoRA-DA's reference) or ``"batch"``
             (each batch's mean loss, LoRA-GA's reference). With ``"sequence"``/``"batch"`` the
             mean gradient is divided by the number of sequences/batches instead of tokens; the
             other statistics stay per token. A custom ``loss_fn`` always counts as ``"token"``.
-        micro_batch_size: run each batch as forward+backward passes of at most this many
-            sequences (same statistics, fewer activations held at once: the calibration pass
-            costs about what one micro-batch's forward+backward does).
 
     Under ``torch.distributed`` (each rank iterating its own shard of the data), the sums and
     token counts are all-reduced once at the end, so every rank returns the statistics of the
@@ -91,21 +81,25 @@ def collect_statistics(
     ``requires_grad``, ``.grad`` and train/eval mode of every module restored, also when the
     pass raises. Errors name the batch that caused them.
     """
-    if fisher not in ("empirical", "true"):
-        raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
-    if token_mask not in ("attention", "labels"):
-        raise ValueError(f"token_mask must be 'attention' or 'labels', got {token_mask!r}")
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                    or num_batches < 1):
-        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    calibration, resources, unknown = grouped(settings, calibration, resources)
+    if unknown:
+        raise TypeError(f"collect_statistics got unexpected keywords {sorted(unknown)}; it takes the fields of "
+                        "Calibration and Resources")
+    return run_calibration_pass(model, loader, requests, calibration, resources, loss_weighting=loss_weighting,
+                                fingerprint=fingerprint)
+
+
+def run_calibration_pass(model: nn.Module, loader, requests: dict[str, StatisticsRequest], calibration: Calibration,
+                         resources: Resources, *, loss_weighting: str = "token", fingerprint: bool = True,
+                         forward_module: nn.Module | None = None) -> KFACStatistics:
+    """:func:`collect_statistics` with its settings grouped; ``forward_module`` is what the pass calls
+    when it is not ``model`` (a sharded ``PeftModel`` around ``model``: FSDP's root runs the forward)."""
+    loss_fn, token_mask, fisher = calibration.loss_fn, calibration.token_mask, calibration.fisher
+    num_batches, micro_batch_size = calibration.num_batches, calibration.micro_batch_size
+    progress, distributed = resources.progress, resources.distributed
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise ValueError("gradient checkpointing is on: its recomputed forward passes would be counted twice; "
                          "call model.gradient_checkpointing_disable() for the calibration pass")
-    if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int)
-                                         or micro_batch_size < 1):
-        raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
     if not isinstance(requests, Mapping) or not all(isinstance(r, (StatisticsRequest, type(None)))
@@ -118,10 +112,10 @@ def collect_statistics(
     requests = {name: req for name, req in requests.items() if req is not None and not req.is_empty}
     needs_gradients = any(req.needs_output_gradient for req in requests.values())
     device = _model_device(model)
-    ops = get_ops(backend, device)
+    ops = get_ops(resources.backend, device)
     causal = is_causal_lm(model)
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(calibration.label_seed)
     stats = KFACStatistics(fisher=fisher, token_mask=token_mask,
                            loss_weighting="token" if loss_fn is not None else loss_weighting)
 
@@ -143,7 +137,8 @@ def collect_statistics(
         batch_iter = iter(bar)
         distributed = in_process_group() if distributed is None else bool(distributed) and in_process_group()
         try:
-            first_batch = _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn, fisher,
+            first_batch = _run_pass(batch_iter, hooks, stats, model, forward_module or model, device, prepare_options,
+                                    loss_fn, fisher,
                                     generator, micro_batch_size, loss_weighting, needs_gradients,
                                     lockstep=Lockstep(hooks) if distributed and hooks.sharded else None)
         except BaseException as err:
@@ -200,7 +195,7 @@ class _BatchHashes:
         return out
 
 
-def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn, fisher, generator,
+def _run_pass(batch_iter, hooks, stats, model, forward, device, prepare_options, loss_fn, fisher, generator,
               micro_batch_size, loss_weighting, needs_gradients, lockstep: "Lockstep | None" = None) -> int:
     """The calibration loop: every batch's forward and backward, the hooks accumulating. Sets
     ``stats.data_fingerprint`` (this rank's batches, in order) and returns the fingerprint of this
@@ -247,7 +242,7 @@ def _run_pass(batch_iter, hooks, stats, model, device, prepare_options, loss_fn,
             try:
                 hooks.start_batch(part.token_mask, index, part.decoder_token_mask)
                 hooks.repeating = not counted
-                loss, units = batch_loss(model, part, loss_fn, fisher, generator, causal,
+                loss, units = batch_loss(forward, part, loss_fn, fisher, generator, causal,
                                            index == 0 and part_index == 0 and counted, loss_weighting, batch_total,
                                            hooks)
                 if hooks.deferred is not None:  # a hook failed during this forward

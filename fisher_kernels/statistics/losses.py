@@ -15,7 +15,6 @@ from collections.abc import Mapping
 import torch
 
 from ..layers import row_blocks
-from ..sharded import called_module
 from .batches import IGNORE_INDEX, PreparedBatch, split_batch
 
 
@@ -221,7 +220,7 @@ def batch_loss(model, prepared, loss_fn, fisher, generator, causal, check, weigh
     try:
         if check and loss_fn is None and fisher == "empirical":
             check_model_loss(model, prepared, causal, hooks)
-        outputs = called_module(model)(*prepared.args, **prepared.kwargs)
+        outputs = model(*prepared.args, **prepared.kwargs)
     except IndexError as err:  # read the ids only now that the model failed: no cost on the way
         _explain_index_error(model, prepared, err)
         raise
@@ -248,7 +247,7 @@ def check_model_loss(model, prepared, causal: bool, hooks=None) -> None:
     if hooks is not None:
         hooks.paused = True
     try:
-        outputs = called_module(model)(*one.args, **one.kwargs, labels=one.targets)
+        outputs = model(*one.args, **one.kwargs, labels=one.targets)
     finally:
         if hooks is not None:
             hooks.paused = False

@@ -1,0 +1,230 @@
+"""Stage 1, ``plan``: every check and decision made before any work.
+
+:func:`make_plan` checks the model, the method and its options, the rank, the targets and the
+weights; says whether a calibration pass is needed and into how many groups of layers (one pass
+each) the statistics must be split to fit ``max_stats_memory``; and decides who computes what
+(this process, or the ranks of a process group; whole or sharded weights). Everything later stages
+need travels in the returned :class:`Plan`; nothing travels beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import memory
+from ..layers import check_rank_fits, layer_dims, resolve_target_modules, weight_matrix
+from ..methods import METHODS
+from ..options import method_and_options
+from ..settings import Calibration, Resources, misplaced_keyword_hint
+from ..sharded import count_nonfinite, sharding_of
+from ..split_work import rank_and_world
+from ..statistics import KFACStatistics
+from ..statistics.batches import as_batches, first_tensor
+from .report import InitReport
+
+AUTO_MARGIN = 0.8  # share of the free memory max_stats_memory="auto" plans with
+
+
+@dataclass
+class Plan:
+    """What will be done, decided before any work; passed from stage to stage.
+
+    ``method`` is the method object (rank, scale, options); ``weights`` are views of the target
+    weights (a sharded model's are its shards); ``groups`` are the layers of each calibration pass;
+    ``rank``/``world``/``split`` say whether the per-layer work is dealt across ranks;
+    ``forward_module`` is what the calibration pass calls (the model, or the ``PeftModel`` around it
+    when an existing adapter is initialised: FSDP's root runs the forward).
+    """
+
+    model: nn.Module
+    method: object
+    names: list[str]
+    weights: dict[str, torch.Tensor]
+    groups: list[list[str]]
+    calibration: Calibration
+    resources: Resources
+    loader: object
+    statistics: KFACStatistics | None
+    sharding: str | None
+    rank: int = 0
+    world: int = 1
+    split: bool = False
+    forward_module: nn.Module | None = None
+    report: InitReport = field(default=None)
+
+    @property
+    def needs_pass(self) -> bool:
+        return self.method.needs_data and self.statistics is None
+
+
+def check_model(model, existing_adapter: bool = False) -> str | None:
+    """Checks ``model``; returns its sharding (``"fsdp2"``, ``"zero3"`` or ``None``, see
+    :mod:`fisher_kernels.sharded`). ``existing_adapter``: ``model`` is the base of a ``PeftModel``
+    whose adapter is initialised (its LoRA layers are expected then)."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    sharding = sharding_of(model, inside_fsdp=existing_adapter)
+    if not existing_adapter and any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise TypeError("model holds LoRA layers but is not a PeftModel: pass the base model, or the PeftModel "
+                        "itself to initialise one of its adapters")
+    return sharding
+
+
+def check_rank(r, name: str = "r") -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ValueError(f"{name} must be a positive integer, got {r!r}")
+    return int(r)
+
+
+def make_plan(model: nn.Module, loader, *, method, r: int, scale: float, target_modules, method_options: dict,
+              calibration: Calibration, resources: Resources, statistics: KFACStatistics | None,
+              rank_is_a_cap: bool = False, existing_adapter: bool = False,
+              forward_module: nn.Module | None = None) -> Plan:
+    """Stage 1: check everything and decide the groups and who computes what (see the module)."""
+    sharding = check_model(model, existing_adapter)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale (lora_alpha / r) must be a positive number, got {scale!r}")
+    method, method_options = method_and_options(method, method_options)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    unknown = sorted(set(method_options) - set(METHODS[method].option_names()))
+    if unknown:
+        raise TypeError(f"method {method!r} got unexpected options {unknown}; it accepts "
+                        f"{METHODS[method].option_names() or 'none'}{misplaced_keyword_hint(unknown)}")
+    r = check_rank(r)
+    names = resolve_target_modules(model, target_modules)
+    if not rank_is_a_cap:  # a rank budget's r is each layer's cap, min(r, the layer's min(d))
+        check_rank_fits(model, names, r)
+    for name in names:
+        if model.get_submodule(name).weight.device.type == "meta":
+            raise ValueError(f"layer {name!r} has its weight on the meta device: load the weights first "
+                             "(fisher_kernels.estimate_memory works on meta models)")
+    init_method = METHODS[method](r, scale, **method_options)
+    if statistics is not None:  # the statistics say how they were collected; a call asking otherwise is refused
+        if not isinstance(statistics, KFACStatistics):
+            raise TypeError(f"statistics must be a KFACStatistics (from collect_statistics or KFACStatistics.load), "
+                            f"got {type(statistics).__name__}")
+        for name, asked, default, collected in (
+                ("token_mask", calibration.token_mask, "attention", statistics.token_mask),
+                ("fisher", calibration.fisher, "empirical", statistics.fisher)):
+            if asked != default and asked != collected:
+                raise ValueError(f"{name}={asked!r}, but the given statistics were collected with {name}="
+                                 f"{collected!r}: collect them again with {name}={asked!r}, or leave {name} out")
+    token_mask = statistics.token_mask if statistics is not None else calibration.token_mask
+    fisher = statistics.fisher if statistics is not None else calibration.fisher
+    report = InitReport(method=method, r=r, scale=scale, target_modules=names, residual_base=init_method.residual_base,
+                        options=dict(method_options, token_mask=token_mask, fisher=fisher,
+                                     label_seed=calibration.label_seed, num_batches=calibration.num_batches,
+                                     micro_batch_size=calibration.micro_batch_size))
+    # views, no copies (a sharded model's are its shards, gathered one layer at a time where needed)
+    weights = {name: weight_matrix(model.get_submodule(name)).detach() for name in names}
+    for name, bad in count_nonfinite(model, names).items():
+        if bad:
+            raise ValueError(f"layer {name!r}: its weight holds {bad} NaN or Inf entries; the model's weights are "
+                             "corrupted (nothing was changed)")
+    if init_method.needs_data and statistics is None and loader is None:
+        raise ValueError(f"method {method!r} needs calibration data: pass a loader")
+    loader = as_batches(loader, model)  # a list / Dataset of unbatched examples: padded batches
+    plan = Plan(model=model, method=init_method, names=names, weights=weights, groups=[names], calibration=calibration,
+                resources=resources, loader=loader, statistics=statistics, sharding=sharding,
+                forward_module=forward_module, report=report)
+    if not init_method.needs_data:
+        report.memory_plan = "no calibration pass"
+    elif statistics is not None:
+        report.memory_plan = "statistics given: no calibration pass"
+    else:
+        budget, report.memory_plan = resolve_budget(plan, rank_is_a_cap)
+        layer_bytes = {n: init_method.held_bytes(*layer_dims(model.get_submodule(n)), weights[n].dtype) for n in names}
+        plan.groups = plan_layer_groups(layer_bytes, budget)
+        if len(plan.groups) > 1 and iter(loader) is loader:
+            raise ValueError(f"max_stats_memory={resources.max_stats_memory} needs {len(plan.groups)} passes over the "
+                             "data, so the loader must be re-iterable (a DataLoader or a list, not a generator)")
+        report.memory_plan += f"; {len(plan.groups)} calibration pass{'es' if len(plan.groups) > 1 else ''}"
+    if sharding and resources.distributed is False:
+        raise ValueError(f"the model is sharded ({sharding}): every rank holds a part of each weight, so every rank "
+                         "must take part; distributed=False is not possible")
+    plan.rank, plan.world = rank_and_world() if resources.distributed is not False else (0, 1)
+    plan.split = plan.world > 1 and init_method.splittable  # each rank computes its share of the layers
+    report.split_ranks = plan.world if plan.split else 1
+    if resources.progress:  # what is about to happen, before the first stage
+        tqdm.write(summary_line(plan), file=sys.stderr)
+    return plan
+
+
+def summary_line(plan: Plan) -> str:
+    """One line before the work: method, rank, layers, data, memory plan."""
+    count = plan.calibration.num_batches
+    if count is None and hasattr(plan.loader, "__len__"):
+        count = len(plan.loader)
+    data = ((f"{count} calibration batch{'es' if count != 1 else ''}" if count is not None else "calibration data")
+            if plan.needs_pass else "no calibration pass")
+    return (f"fisher_kernels: {plan.method.name}, r {plan.method.r}, {len(plan.names)} layers; {data}; "
+            f"{plan.report.memory_plan}")
+
+
+def plan_layer_groups(layer_bytes: dict[str, int], max_stats_memory: int | None) -> list[list[str]]:
+    """Consecutive groups of layers whose held bytes (``{name: bytes}``: statistics and bases from
+    before the pass until the layer is initialised) fit in ``max_stats_memory`` (all layers in
+    one group when no budget is given)."""
+    if max_stats_memory is None:
+        return [list(layer_bytes)]
+    groups, current, used = [], [], 0
+    for name, need in layer_bytes.items():
+        if need > max_stats_memory:
+            raise ValueError(f"layer {name!r} alone needs {need} bytes of statistics, more than "
+                             f"max_stats_memory={max_stats_memory}")
+        if current and used + need > max_stats_memory:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += need
+    groups.append(current)
+    return groups
+
+
+def resolve_budget(plan: Plan, rank_is_a_cap: bool) -> tuple[int | None, str]:
+    """``max_stats_memory`` in bytes (``"auto"``: planned from free memory) and a sentence saying why."""
+    max_stats_memory = plan.resources.max_stats_memory
+    if max_stats_memory is None:
+        return None, "one calibration pass: no max_stats_memory given"
+    if max_stats_memory != "auto":
+        return int(max_stats_memory), f"max_stats_memory={int(max_stats_memory)} bytes, as given"
+    model = plan.model
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    free, source = memory.available_memory(device)  # read here, so that a test can stand in for it
+    batch_size, seq_len = batch_shape(plan.loader)
+    if plan.calibration.micro_batch_size is not None:
+        batch_size = min(batch_size, plan.calibration.micro_batch_size)
+    estimate = memory.estimate_memory(model, method=plan.method, r=plan.method.r, batch_size=batch_size,
+                                      seq_len=seq_len, target_modules=plan.names, model_resident=True,
+                                      rank_is_a_cap=rank_is_a_cap)
+    others = estimate.stages["activations"] + estimate.stages["temporaries"]
+    budget = int(AUTO_MARGIN * free) - others
+    if budget <= 0:
+        raise MemoryError(f"max_stats_memory='auto': {source} reports {free / 2**30:.2f} GiB free, but the calibration "
+                          f"pass alone is estimated at {others / 2**30:.2f} GiB (activations and temporaries); use "
+                          "smaller calibration batches")
+    return budget, (f"max_stats_memory='auto': {budget / 2**30:.2f} GiB = {AUTO_MARGIN:.0%} of the "
+                    f"{free / 2**30:.2f} GiB free ({source}) minus {others / 2**30:.2f} GiB estimated for the "
+                    "pass's activations and per-layer temporaries")
+
+
+def batch_shape(loader) -> tuple[int, int]:
+    """``(batch size, sequence length)`` of the loader's first batch, for memory planning
+    (peeks only at re-iterable loaders; a generator gives (1, 1))."""
+    if iter(loader) is loader:
+        return 1, 1
+    batch = next(iter(loader), None)
+    tensor = first_tensor(batch)
+    if tensor is None or tensor.dim() == 0:
+        return 1, 1
+    return int(tensor.shape[0]), int(tensor.shape[1]) if tensor.dim() > 1 else 1
