@@ -43,10 +43,10 @@ python3 -c "import fisher_kernels, json; print(json.dumps(fisher_kernels.backend
 step "kernel tests on CUDA (every backend against the reference), auto-selection, torch.library ops, FILet's bf16 hooks"
 workers=""
 python3 -c "import xdist" 2>/dev/null && workers="-n 8"
-run 70 tests python3 -m pytest -q -rfE $workers tests/test_ops.py tests/test_autotune.py tests/test_library.py \
-    tests/test_statistics.py::test_triton_backend_gives_the_reference_statistics \
+run 70 tests python3 -m pytest -q -rfE $workers tests/ops/test_ops.py tests/ops/test_autotune.py tests/ops/test_library.py \
+    tests/statistics/test_collector.py::test_triton_backend_gives_the_reference_statistics \
     tests/test_memory.py::test_filet_bf16_selection_agrees_with_a_float64_reference_except_near_ties \
-    tests/test_filet.py::test_a_gpu_models_exact_basis_waits_on_the_host_and_changes_nothing
+    tests/methods/test_filet.py::test_a_gpu_models_exact_basis_waits_on_the_host_and_changes_nothing
 
 step "kernels vs gather + PyTorch (d = 4096, 16k tokens; cuda's Gram kernels on tensor cores for bf16)"
 run 50 kernels_bf16 python3 -m benchmarks.kernels --d 4096 --tokens 16384 --basis 1024 --dtype bfloat16 \

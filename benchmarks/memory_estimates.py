@@ -1,16 +1,19 @@
 """Predicted peak memory of every method for Llama-3-8B and Llama-3-70B shapes (meta device, no weights).
 
-    python -m benchmarks.memory_estimates [--batch-size 8 --seq-len 512 --r 16 --dtype bf16]
+    python -m benchmarks.memory_estimates [--batch-size 8 --seq-len 512 --r 16 --dtype bf16] [--json PATH]
 
 Builds each model on the ``meta`` device from its published configuration (no download), runs
 :func:`fisher_kernels.estimate_memory` for every method of the package, and prints a markdown
 table: the peak in GiB (model included) and its stages, and the smallest of 40/80/141 GiB GPUs it
-fits on (with a 5 % margin for the CUDA context and the allocator).
+fits on (with a 5 % margin for the CUDA context and the allocator). ``--json`` writes the rows
+(the docs' table is rendered from ``benchmarks/results/memory_estimates.json`` by
+``python -m benchmarks.tables``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -40,27 +43,41 @@ def main(argv=None):
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--json", default=None, help="also write the rows (and the settings) to this file")
     args = parser.parse_args(argv)
     from fisher_kernels import estimate_memory
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    lines = [f"Calibration batches of {args.batch_size}×{args.seq_len} tokens, r = {args.r}, {args.dtype} weights, "
-             "all seven linear layers of every block targeted. GiB.", "",
-             "| model | method | peak | model | activations | statistics | bases | temporaries | fits on |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     rows = []
     for name in args.models.split(","):
         model = meta_llama(name, dtype)
         for method in METHODS:
             e = estimate_memory(model, method=method, r=args.r, batch_size=args.batch_size, seq_len=args.seq_len,
                                 target_modules=TARGETS)
-            s = {k: v / 2**30 for k, v in e.stages.items()}
             rows.append({"model": name, "method": method, "peak_bytes": e.peak_bytes, "stages": e.stages})
-            lines.append(f"| {name} | {method} | {e.peak_bytes / 2**30:.1f} | {s['model']:.1f} | {s['activations']:.1f} | "
-                         f"{s['statistics']:.1f} | {s['bases']:.1f} | {s['temporaries']:.2f} | "
-                         f"{smallest_gpu(e.peak_bytes)} |")
+    result = {"settings": {"batch_size": args.batch_size, "seq_len": args.seq_len, "r": args.r, "dtype": args.dtype},
+              "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    lines = [table(result)]
     print("\n".join(lines))
     return rows
+
+
+def table(result: dict) -> str:
+    """The markdown table of :func:`main`'s result."""
+    settings = result["settings"]
+    lines = [f"Calibration batches of {settings['batch_size']}×{settings['seq_len']} tokens, r = {settings['r']}, "
+             f"{settings['dtype']} weights, all seven linear layers of every block targeted. GiB.", "",
+             "| model | method | peak | model | activations | statistics | bases | temporaries | fits on |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in result["rows"]:
+        s = {k: v / 2**30 for k, v in row["stages"].items()}
+        lines.append(f"| {row['model']} | {row['method']} | {row['peak_bytes'] / 2**30:.1f} | {s['model']:.1f} | "
+                     f"{s['activations']:.1f} | {s['statistics']:.1f} | {s['bases']:.1f} | {s['temporaries']:.2f} | "
+                     f"{smallest_gpu(row['peak_bytes'])} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,31 @@ def quality_siqa(root: Path) -> str:
     return f"{table}\n\nBest learning rates (seed 0): {best_rates(runs)}."
 
 
-TABLES = {"pass-cost": pass_cost, "quality-siqa": quality_siqa}
+def _quality(path: Path) -> str:
+    data = json.loads(path.read_text())
+    runs, args = [with_int_steps(r) for r in data["runs"]], data["args"]
+    return markdown(summarise(runs, args["eval_steps"]), args["eval_steps"], args["seeds"], header="").strip()
+
+
+def quality_bbc(root: Path) -> str:
+    """``benchmarks/results/quality/quality.json`` (the encoder benchmark at one learning rate)."""
+    return _quality(root / "benchmarks/results/quality/quality.json")
+
+
+def quality_bbc_sweep(root: Path) -> str:
+    """``benchmarks/results/quality_sweep/quality.json`` (the encoder benchmark, best of two rates)."""
+    return _quality(root / "benchmarks/results/quality_sweep/quality.json")
+
+
+def memory_estimates(root: Path) -> str:
+    """``benchmarks/results/memory_estimates.json`` (``python -m benchmarks.memory_estimates --json ...``)."""
+    from .memory_estimates import table
+
+    return table(json.loads((root / "benchmarks/results/memory_estimates.json").read_text()))
+
+
+TABLES = {"pass-cost": pass_cost, "quality-siqa": quality_siqa, "quality-bbc": quality_bbc,
+          "quality-bbc-sweep": quality_bbc_sweep, "memory-estimates": memory_estimates}
 
 
 def render(text: str, root: Path = ROOT) -> str:

@@ -11,16 +11,14 @@ from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from fisher_kernels.cli import REPORT_NAME, main
-from tiny_models import make_model
+from tiny_models import make_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from test_trainer_workflows import _tiny_tokenizer
-
     path = tmp_path_factory.mktemp("model")
     make_model("llama").save_pretrained(path)
-    tokenizer = _tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     tokenizer.save_pretrained(path)
     return path

@@ -75,3 +75,14 @@ def pad_batches(samples, batch_size: int, pad_id: int = 0):
             batch["labels"].append(torch.nn.functional.pad(labels, (0, pad), value=-100) if labels.dim() == 2 and labels.shape[1] > 1 else labels)
         batches.append({k: torch.cat(v) for k, v in batch.items()})
     return batches
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny model's vocabulary (``t0`` … ``t{VOCAB-1}``), built in memory
+    (no download)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
+                                   pad_token="t0", eos_token="t2", unk_token="t1")

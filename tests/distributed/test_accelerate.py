@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared helpers
 pytest.importorskip("accelerate")
 
 N_SAMPLES, BATCH = 7, 2  # 7 samples: the shards cannot be even
@@ -82,7 +82,7 @@ def test_duplicated_samples_are_refused_on_every_rank(tmp_path, case, message):
 def test_the_readme_torchrun_command_runs_the_demo_on_two_ranks():
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
                            "fisher_kernels.demo", "--hidden", "32", "--layers", "1", "--samples", "8"],

@@ -282,7 +282,7 @@ def test_gpu_check_fits_one_ten_minute_device_call():
     import subprocess
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)  # parses
     limits = [int(n) for n in re.findall(r"^run (\d+) ", script.read_text(), flags=re.M)]
     assert len(limits) >= 7 and sum(limits) < 600

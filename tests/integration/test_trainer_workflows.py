@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from fisher_kernels import FisherInitCallback, compute_initialization, init_lora
-from tiny_models import make_model, make_samples, pad_batches
+from tiny_models import make_model, make_samples, pad_batches, tiny_tokenizer
 
 
 def llama_batches(n=6, size=3):
@@ -107,18 +107,6 @@ def test_callback_initialises_the_adapter_in_a_trainer_before_the_first_step(tmp
     assert trainer.model.get_base_model().is_gradient_checkpointing  # switched back on
 
 
-def _tiny_tokenizer():
-    """A word-level tokenizer over the tiny model's vocabulary, built in memory (no download)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    from tiny_models import VOCAB
-
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-                                   pad_token="t0", eos_token="t2", unk_token="t1")
-
-
 def test_callback_with_trl_sft_trainer(tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
@@ -130,7 +118,7 @@ def test_callback_with_trl_sft_trainer(tmp_path):
                            use_cpu=True, save_strategy="no", logging_strategy="no", dataset_kwargs={"skip_prepare_dataset": True},
                            remove_unused_columns=False)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                             processing_class=_tiny_tokenizer(),
+                             processing_class=tiny_tokenizer(),
                              peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
                              callbacks=[callback])
     trainer.train()
