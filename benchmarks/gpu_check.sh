@@ -37,7 +37,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 nvcc --version | tail -2
 
 step "build the CUDA extension (nvcc)"
-run 60 build python3 -m fisher_kernels._build_cuda fisher_kernels
+run 60 build python3 tools/build_cuda.py fisher_kernels
 python3 -c "import fisher_kernels, json; print(json.dumps(fisher_kernels.backends(), indent=1))" | tee "$RESULTS/backends.json"
 
 step "kernel tests on CUDA (every backend against the reference), auto-selection, torch.library ops, FILet's bf16 hooks"

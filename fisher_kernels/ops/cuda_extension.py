@@ -3,8 +3,8 @@
 Each call passes the current stream *of the accumulator's device*; the C++ side makes that
 device current for the launch (and restores the caller's), so tensors on ``cuda:1`` work.
 
-The extension is built by ``setup.py`` (see ``fisher_kernels/_build_cuda.py``) when CUDA is
-available or ``FISHER_KERNELS_BUILD_CUDA=1``. Its kernels take raw pointers, sizes, strides
+The extension is built by ``setup.py`` (``CUDAExtension`` with a CUDA build of torch; ``tools/build_cuda.py`` when
+``FISHER_KERNELS_BUILD_CUDA=1`` with a CPU torch). Its kernels take raw pointers, sizes, strides
 and the stream; this module checks arguments and supplies those.
 """
 

@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 
-from fisher_kernels import _build_cuda
+import build_cuda as _build_cuda
 from sass import sass_instruction_counts
 
 

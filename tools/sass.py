@@ -1,7 +1,7 @@
 """Developer tool: count SASS instructions of a compiled CUDA object (e.g. that the bf16/fp16 Gram
-kernels are made of tensor-core ``HMMA`` instructions). Used by ``tests/test_cuda_build.py``.
+kernels are made of tensor-core ``HMMA`` instructions). Used by ``tests/ops/test_cuda_extension.py``.
 
-    python tests/sass.py build/statistics_kernels.o HMMA
+    python tools/sass.py build/statistics_kernels.o HMMA
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fisher_kernels._build_cuda import cuda_home
+from build_cuda import cuda_home
 
 
 def cuobjdump() -> Path:

@@ -1,12 +1,14 @@
-"""Build the CUDA extension with nvcc directly.
+"""Developer tool: build the CUDA extension with nvcc directly, against a CPU build of torch.
 
-torch's ``BuildExtension`` refuses CUDA sources when torch itself is a CPU build, yet the
-kernels only need ``torch/extension.h`` and ``cuda_runtime.h``: this module compiles
-``csrc/*.cu`` with nvcc against torch's headers and links the result against torch and cudart.
-Used by ``setup.py`` (when CUDA is available or ``FISHER_KERNELS_BUILD_CUDA=1``), by
-``benchmarks/gpu_check.sh`` and by the test that keeps the sources compiling in CI.
+An install with a CUDA build of torch compiles ``csrc/`` through ``setup.py``'s ``CUDAExtension``.
+torch's ``BuildExtension`` refuses CUDA sources when torch itself is a CPU build, yet the kernels
+only need ``torch/extension.h`` and ``cuda_runtime.h``: this tool compiles ``csrc/*.cu`` with nvcc
+against torch's headers and links the result against torch and cudart, so that the sources keep
+compiling on machines without a GPU (the tests call it, and ``tests/sass.py`` inspects its SASS).
+``setup.py`` uses it only when asked (``FISHER_KERNELS_BUILD_CUDA=1`` with a CPU torch);
+``benchmarks/gpu_check.sh`` uses it to build in place on a lent GPU machine.
 
-    python -m fisher_kernels._build_cuda [OUTPUT_DIR]
+    python tools/build_cuda.py [OUTPUT_DIR]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 EXTENSION_NAME = "_cuda_kernels"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
+PACKAGE = Path(__file__).resolve().parent.parent / "fisher_kernels"
 
 
 def cuda_home() -> Path:
@@ -96,5 +99,5 @@ def build(output_dir: str | Path, verbose: bool = False, archs: str | None = Non
 
 
 if __name__ == "__main__":
-    out = build(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent, verbose=True)
+    out = build(sys.argv[1] if len(sys.argv) > 1 else PACKAGE, verbose=True)
     print(out)
