@@ -41,6 +41,7 @@ def init_lora(
     calibration: Calibration | None = None,
     resources: Resources | None = None,
     rank_budget: int | RankBudget | None = None,
+    base_weights=None,
     **options,
 ):
     """Initialise LoRA adapters from calibration data and return a ready-to-train ``PeftModel``.
@@ -84,6 +85,12 @@ def init_lora(
             ranks go into the config's ``rank_pattern`` (and ``alpha_pattern``, keeping every
             layer's scale), so the saved adapter reloads in plain PEFT; ``r`` (default: the
             budget over the number of layers) and ``lora_alpha`` set the scale.
+        base_weights: for a model quantized by bitsandbytes (QLoRA), the full-precision checkpoint it
+            was loaded from (a directory or ``.safetensors`` file): decompositions and residual bases
+            are computed from those weights, read one layer at a time, and ``W − s·B₀A₀`` is
+            quantized once. Without it a quantized layer's own weight is unpacked (one layer at a
+            time) and its residual re-quantized in place. ``report.quantization_errors`` holds both
+            routes' errors (see the docs' QLoRA section).
         **options: the method's options (e.g. ``energy="component"`` for FILet, ``damping`` for
             LoRA-DA; see ``FiletOptions`` and the others), and any field of ``Calibration`` or
             ``Resources`` as a keyword (``num_batches=32``, ``progress=False``).
@@ -115,7 +122,7 @@ def init_lora(
             raise ValueError("rank_budget spreads ranks over the layers of an adapter init_lora creates; an existing "
                              "adapter's ranks are fixed by its config: pass the base model instead")
         return _init_existing_adapter(model, loader, adapter_name, method, r, lora_alpha, statistics, calibration,
-                                      resources, method_options)
+                                      resources, method_options, base_weights)
     if adapter_name != "default":
         raise ValueError(f"adapter_name={adapter_name!r} names an adapter of an existing PeftModel; a base model gets "
                          "PEFT's 'default' adapter (wrap it with peft.get_peft_model(model, config, adapter_name=...) "
@@ -171,7 +178,7 @@ def init_lora(
         computed_rank = max(min(max_rank, *layer_dims(model.get_submodule(n))) for n in names)
     plan = make_plan(model, loader, method=method, r=computed_rank, scale=scale, target_modules=names,
                      method_options=method_options, calibration=calibration, resources=resources,
-                     statistics=statistics, rank_is_a_cap=budget is not None)
+                     statistics=statistics, rank_is_a_cap=budget is not None, base_weights=base_weights)
     report = run_stages(plan)
     if budget is not None:
         report.ranks = allocate_ranks({n: init.scores for n, init in report.layers.items()}, budget.total,
@@ -179,11 +186,11 @@ def init_lora(
         report.layers = {n: truncated(init, report.ranks[n], scale) for n, init in report.layers.items()}
         report.r = r
         config.rank_pattern, config.alpha_pattern = rank_patterns(report.ranks, scale, use_rslora)
-    return write_new_adapter(model, report, config, scale, resources.progress)
+    return write_new_adapter(model, report, config, scale, resources.progress, sources=plan.base_weights)
 
 
 def _init_existing_adapter(peft_model, loader, adapter_name, method, r, lora_alpha, statistics, calibration, resources,
-                           method_options):
+                           method_options, base_weights):
     """:func:`init_lora` for one adapter of an existing ``PeftModel`` (see ``fisher_kernels.existing_adapter``)."""
     config = check_adapter_config(peft_model, adapter_name, method, r, lora_alpha)
     layers = lora_layers_of(peft_model, adapter_name)
@@ -194,7 +201,9 @@ def _init_existing_adapter(peft_model, loader, adapter_name, method, r, lora_alp
         plan = make_plan(peft_model.get_base_model(), loader, method=method, r=config.r, scale=scale,
                          target_modules=[name + ".base_layer" for name in layers], method_options=method_options,
                          calibration=calibration, resources=resources, statistics=statistics, existing_adapter=True,
+                         base_weights=base_weights,
                          forward_module=peft_model if sharding_of(peft_model) else None)  # FSDP's root runs forward
         report = run_stages(plan)
     warn_about_shared_bases(layers, adapter_name, report.residual_base)
-    return write_existing_adapter(peft_model, adapter_name, layers, report, scale, resources.progress)
+    return write_existing_adapter(peft_model, adapter_name, layers, report, scale, resources.progress,
+                                  sources=plan.base_weights)

@@ -1,7 +1,8 @@
 """Finding target layers and reading their weights in one orientation.
 
 Every method sees a weight as ``W`` of shape ``(d_out, d_in)`` (``nn.Linear``'s layout).
-GPT-2's ``Conv1D`` stores ``Wᵀ``; the helpers here hide that.
+GPT-2's ``Conv1D`` stores ``Wᵀ``, and a bitsandbytes layer a packed 4-bit or 8-bit weight; the
+helpers here hide that.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .quantized import compute_dtype, dequantized, is_quantized
 
 try:  # transformers is a dependency, but keep the module importable without it
     from transformers.pytorch_utils import Conv1D
@@ -37,8 +40,47 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as ``(d_out, d_in)`` (a view, no copy)."""
+    """The layer's weight as ``(d_out, d_in)``: a view, no copy (a quantized layer's: its weight
+    unpacked into a new float tensor, see :mod:`fisher_kernels.quantized`; writes to it are lost)."""
+    if is_quantized(module):
+        return dequantized(module)
     return module.weight if isinstance(module, nn.Linear) else module.weight.T
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of :func:`weight_matrix` (a quantized layer's compute dtype), without unpacking."""
+    return compute_dtype(module) if is_quantized(module) else module.weight.dtype
+
+
+class WeightsOneAtATime:
+    """``{name: weight_matrix}`` read on access, one layer at a time (a model with quantized target
+    layers: each access unpacks that layer, which is dropped after use)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.model, self.names = model, list(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return weight_matrix(self.model.get_submodule(name)).detach()
+
+    def __contains__(self, name) -> bool:
+        return name in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def keys(self):
+        return list(self.names)
+
+    def items(self):
+        return ((n, self[n]) for n in self.names)
+
+    def restricted(self, names: list[str]) -> "WeightsOneAtATime":
+        return WeightsOneAtATime(self.model, names)
 
 
 def row_blocks(n: int, size: int):

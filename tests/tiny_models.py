@@ -16,6 +16,14 @@ def make_model(kind: str, seed: int = 0):
         config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=40, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         model = LlamaForCausalLM(config)
+    elif kind == "llama-wide":  # widths that bitsandbytes' CPU kernels take (multiples of 32): quantized tests
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model = LlamaForCausalLM(config)
+    elif kind == "gpt2-wide":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                            bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0)
+        model = GPT2LMHeadModel(config)
     elif kind == "gpt2":
         config = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64,
                             bos_token_id=0, eos_token_id=0, resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1)

@@ -28,6 +28,7 @@ def compute_initialization(
     statistics: KFACStatistics | None = None,
     calibration: Calibration | None = None,
     resources: Resources | None = None,
+    base_weights=None,
     **options,
 ) -> InitReport:
     """Compute every target layer's ``LayerInit`` without touching the model.
@@ -47,7 +48,7 @@ def compute_initialization(
     calibration, resources, method_options = grouped(options, calibration, resources)
     plan = make_plan(model, loader, method=method, r=r, scale=scale, target_modules=target_modules,
                      method_options=method_options, calibration=calibration, resources=resources,
-                     statistics=statistics)
+                     statistics=statistics, base_weights=base_weights)
     return run_stages(plan)
 
 

@@ -37,8 +37,9 @@ def stage_bar(items, name: str, progress: bool, total: int | None = None):
 def initialized(method, weights, names, stats, prepared, statistics_given: bool):
     """``(name, LayerInit)`` for ``names``, each checked finite; every layer's statistics and
     prepared basis are freed as soon as its result exists (shared input factors with their last user).
-    ``weights``: a dict, or a sharded model's :class:`GatheredWeights` (gathered one layer at a time)."""
-    subset = weights.restricted(names) if isinstance(weights, GatheredWeights) else {n: weights[n] for n in names}
+    ``weights``: a dict, or a mapping read one layer at a time (a sharded model's :class:`GatheredWeights`,
+    a quantized model's :class:`~fisher_kernels.layers.WeightsOneAtATime`)."""
+    subset = weights.restricted(names) if hasattr(weights, "restricted") else {n: weights[n] for n in names}
     for name, init in method.initialize(subset, stats, prepared):
         for key, value in init.tensors().items():
             if not torch.isfinite(value).all():
@@ -87,7 +88,7 @@ class SplitAcrossRanks(Local):
     def __init__(self, plan: Plan):
         super().__init__(plan)
         self.rank, self.world = plan.rank, plan.world
-        self.device = plan.weights[plan.names[0]].device
+        self.device = plan.model.get_submodule(plan.names[0]).weight.device
 
     def prepare(self, group: list[str]) -> dict:
         owner = deal([[n] for n in group], self.world)

@@ -19,7 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import memory
-from ..layers import check_rank_fits, layer_dims, resolve_target_modules, weight_matrix
+from ..layers import WeightsOneAtATime, check_rank_fits, layer_dims, resolve_target_modules, weight_dtype, weight_matrix
+from ..quantized import CheckpointWeights, is_quantized, refuse_unsupported
 from ..methods import METHODS
 from ..options import method_and_options
 from ..settings import Calibration, Resources, misplaced_keyword_hint
@@ -40,7 +41,9 @@ class Plan:
     weights (a sharded model's are its shards); ``groups`` are the layers of each calibration pass;
     ``rank``/``world``/``split`` say whether the per-layer work is dealt across ranks;
     ``forward_module`` is what the calibration pass calls (the model, or the ``PeftModel`` around it
-    when an existing adapter is initialised: FSDP's root runs the forward).
+    when an existing adapter is initialised: FSDP's root runs the forward); ``base_weights``: for a
+    quantized model, the full-precision weights that decompositions and residual bases are computed
+    from (else the quantized layers' own, unpacked one at a time).
     """
 
     model: nn.Module
@@ -57,6 +60,7 @@ class Plan:
     world: int = 1
     split: bool = False
     forward_module: nn.Module | None = None
+    base_weights: CheckpointWeights | None = None  # a quantized model's full-precision weights, read per layer
     report: InitReport = field(default=None)
 
     @property
@@ -88,7 +92,7 @@ def check_rank(r, name: str = "r") -> int:
 def make_plan(model: nn.Module, loader, *, method, r: int, scale: float, target_modules, method_options: dict,
               calibration: Calibration, resources: Resources, statistics: KFACStatistics | None,
               rank_is_a_cap: bool = False, existing_adapter: bool = False,
-              forward_module: nn.Module | None = None) -> Plan:
+              forward_module: nn.Module | None = None, base_weights=None) -> Plan:
     """Stage 1: check everything and decide the groups and who computes what (see the module)."""
     sharding = check_model(model, existing_adapter)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
@@ -102,6 +106,7 @@ def make_plan(model: nn.Module, loader, *, method, r: int, scale: float, target_
                         f"{METHODS[method].option_names() or 'none'}{misplaced_keyword_hint(unknown)}")
     r = check_rank(r)
     names = resolve_target_modules(model, target_modules)
+    refuse_unsupported(model, names)
     if not rank_is_a_cap:  # a rank budget's r is each layer's cap, min(r, the layer's min(d))
         check_rank_fits(model, names, r)
     for name in names:
@@ -125,8 +130,23 @@ def make_plan(model: nn.Module, loader, *, method, r: int, scale: float, target_
                         options=dict(method_options, token_mask=token_mask, fisher=fisher,
                                      label_seed=calibration.label_seed, num_batches=calibration.num_batches,
                                      micro_batch_size=calibration.micro_batch_size))
-    # views, no copies (a sharded model's are its shards, gathered one layer at a time where needed)
-    weights = {name: weight_matrix(model.get_submodule(name)).detach() for name in names}
+    # views, no copies (a sharded model's are its shards, gathered one layer at a time where needed; a
+    # quantized model's are unpacked one layer at a time, when a stage reads them)
+    quantized = [name for name in names if is_quantized(model.get_submodule(name))]
+    if quantized and method == "kasa":
+        raise ValueError(f"KaSA truncates each base weight inside PEFT's KaSA layer, which PEFT does not provide for "
+                         f"bitsandbytes layers ({quantized[0]!r} is quantized): use another method, or the "
+                         "unquantized model")
+    if base_weights is not None and not quantized:
+        raise ValueError("base_weights gives a quantized model's full-precision weights; this model's target layers "
+                         "are not quantized (their own weights are used)")
+    checkpoint = CheckpointWeights(base_weights, model, names) if base_weights is not None else None
+    if checkpoint is not None:
+        weights = checkpoint
+    elif quantized:
+        weights = WeightsOneAtATime(model, names)
+    else:
+        weights = {name: weight_matrix(model.get_submodule(name)).detach() for name in names}
     for name, bad in count_nonfinite(model, names).items():
         if bad:
             raise ValueError(f"layer {name!r}: its weight holds {bad} NaN or Inf entries; the model's weights are "
@@ -136,14 +156,15 @@ def make_plan(model: nn.Module, loader, *, method, r: int, scale: float, target_
     loader = as_batches(loader, model)  # a list / Dataset of unbatched examples: padded batches
     plan = Plan(model=model, method=init_method, names=names, weights=weights, groups=[names], calibration=calibration,
                 resources=resources, loader=loader, statistics=statistics, sharding=sharding,
-                forward_module=forward_module, report=report)
+                forward_module=forward_module, base_weights=checkpoint, report=report)
     if not init_method.needs_data:
         report.memory_plan = "no calibration pass"
     elif statistics is not None:
         report.memory_plan = "statistics given: no calibration pass"
     else:
         budget, report.memory_plan = resolve_budget(plan, rank_is_a_cap)
-        layer_bytes = {n: init_method.held_bytes(*layer_dims(model.get_submodule(n)), weights[n].dtype) for n in names}
+        layer_bytes = {n: init_method.held_bytes(*layer_dims(model.get_submodule(n)), weight_dtype(model.get_submodule(n)))
+                       for n in names}
         plan.groups = plan_layer_groups(layer_bytes, budget)
         if len(plan.groups) > 1 and iter(loader) is loader:
             raise ValueError(f"max_stats_memory={resources.max_stats_memory} needs {len(plan.groups)} passes over the "

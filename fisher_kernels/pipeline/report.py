@@ -39,6 +39,10 @@ class InitReport:
     options: dict = field(default_factory=dict)  # the method options and pass settings it was called with
     ranks: dict[str, int] = field(default_factory=dict)  # per-layer ranks when a rank budget was allocated
     split_ranks: int = 1  # torch.distributed ranks that shared the per-layer work (1: this process did all)
+    # quantized (bitsandbytes) layers whose base was re-quantized: {layer: {"initialised": ‖Q(W − s·B₀A₀) + s·B₀A₀
+    # − W‖ / ‖W‖, "loaded": ‖Q(W) − W‖ / ‖W‖}}, W the full-precision checkpoint's weight with base_weights (else the
+    # unpacked quantized weight itself, whose "loaded" error is then 0)
+    quantization_errors: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """A JSON-ready summary: method, options, timings, token counts, and per layer the
@@ -57,7 +61,7 @@ class InitReport:
             "package": "fisher_kernels", "version": __version__, "method": self.method, "r": self.r,
             "scale": self.scale, "options": plain(self.options), "timings": plain(self.timings),
             "num_batches": self.num_batches, "residual_base": self.residual_base, "memory_plan": self.memory_plan,
-            "stats_bytes": self.stats_bytes,
+            "stats_bytes": self.stats_bytes, "quantization_errors": self.quantization_errors,
             "layers": {name: {"num_tokens": self.num_tokens.get(name),
                               "rank": None if init.lora_A is None else int(init.lora_A.shape[0]),
                               "selected": plain(init.selected), "scores": plain(init.scores)}

@@ -20,7 +20,7 @@ from .report import InitReport
 
 
 def write_existing_adapter(peft_model, adapter_name: str, layers: dict, report: InitReport, scale: float,
-                           progress: bool):
+                           progress: bool, sources=None):
     """``report``'s factors into adapter ``adapter_name``'s LoRA layers (in place: an optimizer that holds
     them stays valid) and, for a residual method, ``W − P Q`` into the base weights; all or nothing."""
     base = peft_model.get_base_model()
@@ -30,7 +30,8 @@ def write_existing_adapter(peft_model, adapter_name: str, layers: dict, report: 
         previous = write_adapter(peft_model, adapter_name, layers, report.layers, scale)
         if report.residual_base:
             report.initial_adapter = snapshot_adapter(peft_model, adapter_name)  # for save_as_plain_lora
-        written = apply_base_updates(base, report.layers, progress=progress)
+        written = apply_base_updates(base, report.layers, progress=progress, sources=sources)
+        report.quantization_errors = {entry[0]: entry[4] for entry in written if entry[4] is not None}
         report.timings["peft"] = time.perf_counter() - t
         report.timings["total"] += report.timings["peft"]
         attach_report(peft_model, report, adapter_name)
@@ -42,7 +43,7 @@ def write_existing_adapter(peft_model, adapter_name: str, layers: dict, report: 
     return peft_model
 
 
-def write_new_adapter(model: nn.Module, report: InitReport, config, scale: float, progress: bool):
+def write_new_adapter(model: nn.Module, report: InitReport, config, scale: float, progress: bool, sources=None):
     """The last stage, all or nothing: PEFT wrapping, the adapters' values, the adapter snapshot
     and the base-weight writes. On any failure (``KeyboardInterrupt`` included) the model is put
     back exactly as found: the base weights already written are restored (``apply_base_updates``),
@@ -60,7 +61,8 @@ def write_new_adapter(model: nn.Module, report: InitReport, config, scale: float
         peft_model = wrap_with_lora(model, report.layers, config, scale)
         if report.residual_base:
             report.initial_adapter = snapshot_adapter(peft_model)  # for save_as_plain_lora
-        written = apply_base_updates(model, report.layers, progress=progress)
+        written = apply_base_updates(model, report.layers, progress=progress, sources=sources)
+        report.quantization_errors = {entry[0]: entry[4] for entry in written if entry[4] is not None}
         if sharded:  # the new adapters are plain parameters, outside FSDP: their gradients averaged as FSDP's
             mesh = next(p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh"))
             hooks = average_gradients_over_ranks([p for p in model.parameters() if p.requires_grad and not is_sharded(p)],

@@ -22,6 +22,7 @@ from ..ops import get_ops
 from .batches import IGNORE_INDEX, as_batches, prepare_batch, split_batch
 from .hooks import DeferredCounts, StatisticsHooks
 from .lockstep import Lockstep, exchange_pass_status, in_process_group, refuse_padded_shards
+from ..quantized import keep_gradients_flowing_
 from ..settings import Calibration, Resources, grouped
 from .losses import LOSS_WEIGHTINGS, batch_loss, check_losses_finite, counted_labels, is_causal_lm
 from .containers import KFACStatistics, StatisticsRequest
@@ -133,6 +134,7 @@ def run_calibration_pass(model: nn.Module, loader, requests: dict[str, Statistic
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
+        keep_gradients_flowing_(model)  # bitsandbytes 4-bit layers on the CPU
         bar = tqdm(batches, total=total, desc="fisher_kernels: calibration", unit="batch", disable=not progress)
         batch_iter = iter(bar)
         distributed = in_process_group() if distributed is None else bool(distributed) and in_process_group()
