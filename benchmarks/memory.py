@@ -91,8 +91,10 @@ def _run(name: str, model, batches, preset) -> None:
         _run_peft(name, model, batches, preset, "cpu")
 
 
-def measure_row(name: str, dtype: str, blocks: int) -> dict:
-    """Measure one row in this process (call it in a fresh one)."""
+def measure_row(name: str, dtype: str, blocks: int, free_factor: float | None = None) -> dict:
+    """Measure one row in this process (call it in a fresh one). ``free_factor``: the free memory the
+    plan sees is set to this many times the model's bytes (a simulated budget, for the default settings'
+    planning); the row then holds ``free_bytes``."""
     torch.set_num_threads(2)
     preset = dict(PRESET, layers=blocks)
     model = build_model(preset, dtype=DTYPES[dtype])
@@ -101,7 +103,14 @@ def measure_row(name: str, dtype: str, blocks: int) -> dict:
     target_bytes = sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules()
                        if n.split(".")[-1] in names and hasattr(m, "weight"))
     estimate = None
-    if name in OURS:
+    free_bytes = None
+    if free_factor is not None:
+        import fisher_kernels.memory as planner
+
+        model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        free_bytes = int(free_factor * model_bytes)
+        planner.available_memory = lambda device: (free_bytes, "a simulated budget")
+    if name in OURS and free_factor is None:
         from fisher_kernels import estimate_memory
 
         options = {k: v for k, v in OURS[name].items() if k not in ("method", "micro_batch_size")}
@@ -115,6 +124,8 @@ def measure_row(name: str, dtype: str, blocks: int) -> dict:
     peak = _process_bytes("VmHWM")
     row = {"method": name, "dtype": dtype, "blocks": blocks, "target_bytes": target_bytes,
            "peak_above_model_bytes": peak - before, "ratio": (peak - before) / target_bytes}
+    if free_bytes is not None:
+        row["free_bytes"] = free_bytes
     if estimate is not None:
         row["estimate_bytes"] = estimate.peak_bytes - estimate.stages["model"]
         row["estimate_ratio"] = row["estimate_bytes"] / target_bytes

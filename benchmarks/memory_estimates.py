@@ -54,7 +54,17 @@ def main(argv=None):
         for method in METHODS:
             e = estimate_memory(model, method=method, r=args.r, batch_size=args.batch_size, seq_len=args.seq_len,
                                 target_modules=TARGETS)
-            rows.append({"model": name, "method": method, "peak_bytes": e.peak_bytes, "stages": e.stages})
+            row = {"model": name, "method": method, "peak_bytes": e.peak_bytes, "stages": e.stages}
+            if name == "Llama-3-8B":  # what init_lora's default settings plan on one 80 GB GPU
+                try:
+                    p = estimate_memory(model, method=method, r=args.r, batch_size=args.batch_size,
+                                        seq_len=args.seq_len, target_modules=TARGETS, device_bytes=80 * 10**9)
+                    row["planned_80gb"] = {"peak_bytes": p.peak_bytes, "micro_batch": None if p.plan is None else
+                                           p.plan.micro_batch_size, "budget": None if p.plan is None else p.plan.budget,
+                                           "reason": "" if p.plan is None else p.plan.reason}
+                except MemoryError as error:
+                    row["planned_80gb"] = {"error": str(error)}
+            rows.append(row)
     result = {"settings": {"batch_size": args.batch_size, "seq_len": args.seq_len, "r": args.r, "dtype": args.dtype},
               "rows": rows}
     if args.json:
@@ -72,11 +82,23 @@ def table(result: dict) -> str:
              f"{settings['dtype']} weights, all seven linear layers of every block targeted. GiB.", "",
              "| model | method | peak | model | activations | statistics | bases | temporaries | fits on |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    planned = [row for row in result["rows"] if "planned_80gb" in row]
     for row in result["rows"]:
         s = {k: v / 2**30 for k, v in row["stages"].items()}
         lines.append(f"| {row['model']} | {row['method']} | {row['peak_bytes'] / 2**30:.1f} | {s['model']:.1f} | "
                      f"{s['activations']:.1f} | {s['statistics']:.1f} | {s['bases']:.1f} | {s['temporaries']:.2f} | "
                      f"{smallest_gpu(row['peak_bytes'])} |")
+    if planned:
+        lines += ["", "Planned by the default settings (`max_stats_memory` and `micro_batch_size` \"auto\") for "
+                  "Llama-3-8B on one 80 GB GPU (80 % of what the model leaves free):", "",
+                  "| method | planned peak (GiB) | plan |", "| --- | ---: | --- |"]
+        for row in planned:
+            p = row["planned_80gb"]
+            if "error" in p:
+                lines.append(f"| {row['method']} | – | does not fit |")
+                continue
+            plan = p["reason"].split("planned: ", 1)[-1].split(", estimated")[0] if p["reason"] else "no calibration pass"
+            lines.append(f"| {row['method']} | {p['peak_bytes'] / 2**30:.1f} | {plan} |")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from .quality_core import best_rates, markdown, summarise, with_int_steps
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = ["README.md", "docs/benchmarks.md"]
+DOCUMENTS = ["README.md", "docs/benchmarks.md", "docs/usage.md"]
 MARKER = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
@@ -66,8 +66,22 @@ def memory_estimates(root: Path) -> str:
     return table(json.loads((root / "benchmarks/results/memory_estimates.json").read_text()))
 
 
+def qlora_fit(root: Path) -> str:
+    """``benchmarks/results/qlora_fit.json`` (``python -m benchmarks.qlora_fit --json ...``)."""
+    from .qlora_fit import table
+
+    return table(json.loads((root / "benchmarks/results/qlora_fit.json").read_text()))
+
+
+def qlora_routes(root: Path) -> str:
+    """``benchmarks/results/qlora_routes.json`` (``python -m benchmarks.qlora_routes --json ...``)."""
+    from .qlora_routes import table
+
+    return table(json.loads((root / "benchmarks/results/qlora_routes.json").read_text()))
+
+
 TABLES = {"pass-cost": pass_cost, "quality-siqa": quality_siqa, "quality-bbc": quality_bbc,
-          "quality-bbc-sweep": quality_bbc_sweep, "memory-estimates": memory_estimates}
+          "quality-bbc-sweep": quality_bbc_sweep, "memory-estimates": memory_estimates, "qlora-fit": qlora_fit, "qlora-routes": qlora_routes}
 
 
 def render(text: str, root: Path = ROOT) -> str:

@@ -75,6 +75,11 @@ def _memory(text: str):
     return text if text == "auto" else _positive_int(text)
 
 
+def _auto_or_positive_int(text: str):
+    """``--micro-batch-size``: a positive integer, or ``auto``."""
+    return text if text == "auto" else _positive_int(text)
+
+
 def _positive_int(text: str) -> int:
     """An option that counts something (a rank, a batch size, tokens): a positive integer."""
     try:
@@ -369,7 +374,7 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--max-length", type=_positive_int, default=512, help="tokens per example (truncated)")
     init.add_argument("--num-batches", type=_positive_int, default=None, help="use at most this many batches (default: all)")
     init.add_argument("--batch-size", type=_positive_int, default=8, help="examples per calibration batch")
-    init.add_argument("--micro-batch-size", type=_positive_int, default=None,
+    init.add_argument("--micro-batch-size", type=_auto_or_positive_int, default="auto",
                       help="run each batch as forward+backward passes of at most this many examples (less memory)")
     init.add_argument("--shuffle", action="store_true", help="shuffle the examples (with --seed) before batching")
     init.add_argument("--seed", type=_seed, default=0, help="seed of --shuffle and of the method")
@@ -385,7 +390,7 @@ def parser() -> argparse.ArgumentParser:
                       help="FILet: the total rank over all layers, spread by Fisher energy")
     init.add_argument("--min-rank", type=_positive_int, default=1, help="with --rank-budget: the least rank of a layer")
     init.add_argument("--max-rank", type=_positive_int, default=None, help="with --rank-budget: the most rank of a layer")
-    init.add_argument("--max-stats-memory", type=_memory, default=None,
+    init.add_argument("--max-stats-memory", type=_memory, default="auto",
                       help="bytes of statistics held at once, or 'auto' (several passes when they do not fit)")
     init.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                       help="the weights' dtype (auto: the checkpoint's)")

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .device_memory import available_memory  # noqa: F401  (the planner's; api reads it from here)
-from .layers import check_rank_fits, layer_dims, resolve_target_modules, update_rows
+from .layers import check_rank_fits, layer_dims, resolve_target_modules, update_rows, weight_dtype
+from .quantized import is_quantized, quantization_of
 from .methods import METHODS, InitMethod, lora_scale
 from .statistics.losses import loss_row_chunks, output_logits, weighted_cross_entropy
 from .statistics.hooks import WEIGHT_ROWS
@@ -32,6 +33,7 @@ class MemoryEstimate:
     stages: dict[str, int] = field(default_factory=dict)
     method: str = ""
     num_layers: int = 0
+    plan: "MemoryPlan | None" = None  # with device_bytes: what the default settings plan
 
     def __str__(self) -> str:
         parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in self.stages.items())
@@ -43,6 +45,7 @@ RUNTIME_BYTES = 16 * 2**20  # first-use buffers of the BLAS/LAPACK and autograd 
 
 def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size: int = 8, seq_len: int = 512,
                     target_modules=None, model_resident: bool = True, rank_is_a_cap: bool = False,
+                    quantization: str | None = None, device_bytes: int | None = None,
                     **method_options) -> MemoryEstimate:
     """Predict the peak memory of ``init_lora(model, loader, method=..., r=...)`` for calibration
     batches of ``batch_size × seq_len`` tokens, without running it.
@@ -57,6 +60,17 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
     against measured CPU peaks (fp32 and bf16) within 15 % by the tests. ``rank_is_a_cap``: ``r``
     is a rank budget's per-layer cap (each layer takes ``min(r, its min(d))``), not a rank every
     layer must fit.
+
+    Quantized models (QLoRA): a model loaded with bitsandbytes is recognised layer by layer; a
+    ``meta`` model built in its compute dtype is estimated as if loaded with ``quantization="4bit"``
+    (nf4 / fp4, 64-entry blocks, fp32 block scales) or ``"8bit"`` (int8, one fp32 scale a row). The
+    target weights then count at their packed size; the temporaries add one layer unpacked, and,
+    for a residual method, that layer's fp32 residual and its re-quantized copy.
+
+    ``device_bytes``: the estimate of the run ``init_lora``'s default settings plan on a device of
+    that size (``max_stats_memory`` and ``micro_batch_size`` ``"auto"``: the fewest calibration
+    passes, then the largest micro-batches, that fit; see :func:`plan_memory`); the plan is in
+    ``estimate.plan``. ``MemoryError`` when nothing fits.
     """
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be a positive integer, got {r!r}")
@@ -71,7 +85,15 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
     names = resolve_target_modules(model, target_modules)
     if not rank_is_a_cap:
         check_rank_fits(model, names, r)
+    if quantization not in (None, "4bit", "8bit"):
+        raise ValueError(f"quantization must be None, '4bit' or '8bit', got {quantization!r}")
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if quantization is not None:  # a full-precision (meta) model estimated as if its targets were quantized
+        for name in names:
+            module = model.get_submodule(name)
+            if not is_quantized(module):
+                d_out, d_in = layer_dims(module)
+                model_bytes += packed_bytes(d_out, d_in, quantization) - module.weight.numel() * module.weight.element_size()
     activations, shares_input = 0, set()
     if init_method.needs_data:
         activations, shares_input = pass_activation_bytes(model, names, init_method, batch_size, seq_len)
@@ -79,7 +101,7 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
     for name in names:
         module = model.get_submodule(name)
         d_out, d_in = layer_dims(module)
-        dtype = module.weight.dtype
+        dtype = weight_dtype(module)
         basis = init_method.basis_bytes(d_out, d_in, dtype)
         bases += basis
         statistics += init_method.held_bytes(d_out, d_in, dtype) - basis
@@ -87,11 +109,40 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
             statistics -= 4 * d_in * d_in  # one input factor for the layers that read the same input
         rows = update_rows(d_in, module.weight.device)
         update = 4 * min(d_out, rows) * d_in if dtype.itemsize < 4 else 0  # fp32 rows of the in-place base update
-        temporaries = max(temporaries, init_method.temporary_bytes(d_out, d_in, dtype), update)
+        layer_temporaries = init_method.temporary_bytes(d_out, d_in, dtype)
+        kind = quantization_of(module) or quantization
+        if kind is not None:  # the layer unpacked (while decomposed); a residual: fp32 W, W − P Q, the new packed one
+            unpacked = d_out * d_in * dtype.itemsize
+            update = (8 * d_out * d_in + packed_bytes(d_out, d_in, kind)) if init_method.residual_base else 0
+            layer_temporaries += unpacked
+        temporaries = max(temporaries, layer_temporaries, update)
     stages = {"model": model_bytes, "activations": activations, "statistics": statistics, "bases": bases,
               "temporaries": temporaries, "runtime": RUNTIME_BYTES}
     peak = (model_bytes if model_resident else 0) + bases + statistics + max(activations, temporaries) + RUNTIME_BYTES
-    return MemoryEstimate(peak_bytes=int(peak), stages=stages, method=init_method.name, num_layers=len(names))
+    estimate = MemoryEstimate(peak_bytes=int(peak), stages=stages, method=init_method.name, num_layers=len(names))
+    if device_bytes is None or not init_method.needs_data:
+        return estimate
+    planned = plan_memory(model, init_method, names, batch_size=batch_size, seq_len=seq_len,
+                          free_bytes=int(device_bytes) - model_bytes, source=f"a {device_bytes / 2**30:.0f} GiB device",
+                          rank_is_a_cap=rank_is_a_cap)
+    if planned.micro_batch_size is not None:
+        estimate = estimate_memory(model, method=init_method, r=r, batch_size=planned.micro_batch_size,
+                                   seq_len=seq_len, target_modules=names, model_resident=model_resident,
+                                   rank_is_a_cap=rank_is_a_cap, quantization=quantization)
+    stages = dict(estimate.stages)
+    if planned.budget is not None:  # one group's statistics and bases at a time
+        stages["statistics"] = max(0, min(planned.budget, stages["statistics"] + stages["bases"]) - stages["bases"])
+    peak = ((stages["model"] if model_resident else 0) + stages["bases"] + stages["statistics"]
+            + max(stages["activations"], stages["temporaries"]) + stages["runtime"])
+    return MemoryEstimate(peak_bytes=int(peak), stages=stages, method=init_method.name, num_layers=len(names),
+                          plan=planned)
+
+
+def packed_bytes(d_out: int, d_in: int, quantization: str) -> int:
+    """Bytes of a ``d_out × d_in`` weight quantized by bitsandbytes: 4-bit (two entries a byte, an fp32
+    scale per 64-entry block) or 8-bit (a byte an entry, an fp32 scale a row)."""
+    n = d_out * d_in
+    return n // 2 + 4 * -(-n // 64) if quantization == "4bit" else n + 4 * d_out
 
 
 def pass_activation_bytes(model: nn.Module, names: list[str], init_method, batch_size: int,
@@ -165,3 +216,93 @@ def _saved_tensor_bytes(model: nn.Module, names: list[str], batch_size: int, seq
         for handle in handles:
             handle.remove()
     return sum(seen.values()) + held + logits_bytes + chunk_bytes, shares_input
+
+
+PLAN_MARGIN = 0.8  # share of the free memory a plan fills
+
+
+@dataclass
+class MemoryPlan:
+    """How a calibration pass is run so that it fits: ``micro_batch_size`` (``None``: whole
+    batches), ``budget`` (bytes of statistics and bases held per pass; ``None``: all layers in one
+    pass), the estimated peak above what is already resident, and a sentence saying why."""
+
+    micro_batch_size: int | None
+    budget: int | None
+    peak_bytes: int
+    reason: str
+
+
+def micro_batch_candidates(batch_size: int) -> list[int]:
+    """``batch_size``, then halving down to 1 (largest first)."""
+    out, m = [], batch_size
+    while m >= 1:
+        out.append(m)
+        m = m // 2 if m > 1 else 0
+    return out
+
+
+def plan_memory(model: nn.Module, method: InitMethod, names: list[str], *, batch_size: int, seq_len: int,
+                free_bytes: int, source: str, max_stats_memory="auto", micro_batch_size="auto",
+                can_repeat: bool = True, rank_is_a_cap: bool = False) -> MemoryPlan:
+    """The fewest calibration passes, then the largest micro-batches, whose estimated peak fits
+    ``PLAN_MARGIN`` of ``free_bytes`` (the model already resident). ``max_stats_memory`` /
+    ``micro_batch_size``: ``"auto"`` (planned), a number (kept) or ``None`` (one pass / whole
+    batches). ``can_repeat=False`` (a loader that is a generator): one pass only. Raises
+    ``MemoryError`` when even the smallest plan does not fit and nothing was fixed by the caller."""
+    room_total = int(PLAN_MARGIN * free_bytes)
+    held = [method.held_bytes(*layer_dims(model.get_submodule(n)), weight_dtype(model.get_submodule(n))) for n in names]
+    total, largest = sum(held), max(held, default=0)
+    micro_options = micro_batch_candidates(batch_size) if micro_batch_size == "auto" else [micro_batch_size or batch_size]
+    best = None  # (passes, -micro, micro, budget, peak)
+    smallest_need = None
+    for micro in micro_options:
+        estimate = estimate_memory(model, method=method, r=method.r, batch_size=micro, seq_len=seq_len,
+                                   target_modules=names, model_resident=False, rank_is_a_cap=rank_is_a_cap)
+        others = max(estimate.stages["activations"], estimate.stages["temporaries"]) + estimate.stages["runtime"]
+        room = room_total - others
+        smallest_need = others + largest if smallest_need is None else min(smallest_need, others + largest)
+        if max_stats_memory == "auto":
+            if room >= total:
+                passes, budget = 1, None
+            elif room >= largest and can_repeat:
+                budget = room
+                passes = _passes(held, budget)
+            else:
+                continue
+        elif max_stats_memory is None:
+            if room < total:
+                continue
+            passes, budget = 1, None
+        else:
+            if room < min(int(max_stats_memory), total):
+                continue
+            budget = int(max_stats_memory)
+            passes = _passes(held, budget)
+        peak = others + (total if budget is None else min(budget, total))
+        key = (passes, -micro)
+        if best is None or key < best[0]:
+            best = (key, micro, budget, peak)
+        if passes == 1:
+            break  # the largest micro-batch with one pass: nothing better below
+    if best is None:
+        raise MemoryError(f"the calibration pass does not fit: {source} reports {free_bytes / 2**30:.2f} GiB free, "
+                          f"and even micro-batches of {micro_options[-1]} with one layer's statistics per pass are "
+                          f"estimated at {smallest_need / 2**30:.2f} GiB (plans use {PLAN_MARGIN:.0%}); use shorter "
+                          "sequences, or shard the model")
+    _, micro, budget, peak = best
+    passes = 1 if budget is None else _passes(held, budget)
+    micro_out = None if micro == batch_size else micro
+    why = (f"{free_bytes / 2**30:.2f} GiB free ({source}), {PLAN_MARGIN:.0%} planned: "
+           f"{'whole batches' if micro_out is None else f'micro-batches of {micro}'}, {passes} calibration "
+           f"pass{'es' if passes > 1 else ''}, estimated peak {peak / 2**30:.2f} GiB above the loaded model")
+    return MemoryPlan(micro_batch_size=micro_out, budget=budget, peak_bytes=int(peak), reason=why)
+
+
+def _passes(held: list[int], budget: int) -> int:
+    passes, used = 1, 0
+    for need in held:
+        if used and used + need > budget:
+            passes, used = passes + 1, 0
+        used += need
+    return passes

@@ -44,7 +44,9 @@ class Calibration:
             model's own predictions).
         label_seed: seed of the labels sampled when ``fisher="true"``.
         micro_batch_size: run each batch as forward+backward passes of at most this many sequences:
-            identical statistics, activations of one micro-batch at a time.
+            identical statistics, activations of one micro-batch at a time. ``"auto"`` (default):
+            whole batches where they fit, else the largest micro-batches that do (planned with
+            ``Resources.max_stats_memory``); ``None``: whole batches.
     """
 
     num_batches: int | None = None
@@ -52,11 +54,12 @@ class Calibration:
     token_mask: str = "attention"
     fisher: str = "empirical"
     label_seed: int = 0
-    micro_batch_size: int | None = None
+    micro_batch_size: int | str | None = "auto"
 
     def __post_init__(self):
         _positive_int("num_batches", self.num_batches)
-        _positive_int("micro_batch_size", self.micro_batch_size)
+        if self.micro_batch_size != "auto":
+            _positive_int("micro_batch_size", self.micro_batch_size)
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
         if self.token_mask not in TOKEN_MASKS:
@@ -74,16 +77,19 @@ class Resources:
     Args:
         backend: statistics kernels, ``"auto" | "cuda" | "triton" | "torch"`` (see
             :func:`fisher_kernels.backends`).
-        max_stats_memory: bytes of statistics (and FILet's bases) held at once, or ``"auto"``
-            (planned from the device's free memory); layers are then processed in groups, one
-            calibration pass each (the loader must be re-iterable). ``None``: one pass.
+        max_stats_memory: bytes of statistics (and FILet's bases) held at once; layers are then
+            processed in groups, one calibration pass each (the loader must be re-iterable).
+            ``"auto"`` (default): planned from the free memory of the model's device (CUDA:
+            ``mem_get_info``; CPU: available RAM) and the memory estimate: one pass of whole
+            batches where it fits, else the fewest passes and the largest micro-batches that do
+            (``report.memory_plan`` says what and why). ``None``: one pass, whatever it needs.
         distributed: ``None``: under ``torch.distributed``, statistics summed over the ranks and
             the per-layer work split across them; ``False``: this process alone.
         progress: a line before the work and a bar for every stage longer than a second.
     """
 
     backend: str = "auto"
-    max_stats_memory: int | str | None = None
+    max_stats_memory: int | str | None = "auto"
     distributed: bool | None = None
     progress: bool = True
 

@@ -9,6 +9,7 @@ need travels in the returned :class:`Plan`; nothing travels beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import sys
@@ -29,9 +30,6 @@ from ..split_work import rank_and_world
 from ..statistics import KFACStatistics
 from ..statistics.batches import as_batches, first_tensor
 from .report import InitReport
-
-AUTO_MARGIN = 0.8  # share of the free memory max_stats_memory="auto" plans with
-
 
 @dataclass
 class Plan:
@@ -162,14 +160,15 @@ def make_plan(model: nn.Module, loader, *, method, r: int, scale: float, target_
     elif statistics is not None:
         report.memory_plan = "statistics given: no calibration pass"
     else:
-        budget, report.memory_plan = resolve_budget(plan, rank_is_a_cap)
+        budget = plan_memory_of(plan, rank_is_a_cap)
         layer_bytes = {n: init_method.held_bytes(*layer_dims(model.get_submodule(n)), weight_dtype(model.get_submodule(n)))
                        for n in names}
         plan.groups = plan_layer_groups(layer_bytes, budget)
         if len(plan.groups) > 1 and iter(loader) is loader:
             raise ValueError(f"max_stats_memory={resources.max_stats_memory} needs {len(plan.groups)} passes over the "
                              "data, so the loader must be re-iterable (a DataLoader or a list, not a generator)")
-        report.memory_plan += f"; {len(plan.groups)} calibration pass{'es' if len(plan.groups) > 1 else ''}"
+        if "calibration pass" not in report.memory_plan:
+            report.memory_plan += f"; {len(plan.groups)} calibration pass{'es' if len(plan.groups) > 1 else ''}"
     if sharding and resources.distributed is False:
         raise ValueError(f"the model is sharded ({sharding}): every rank holds a part of each weight, so every rank "
                          "must take part; distributed=False is not possible")
@@ -212,31 +211,47 @@ def plan_layer_groups(layer_bytes: dict[str, int], max_stats_memory: int | None)
     return groups
 
 
-def resolve_budget(plan: Plan, rank_is_a_cap: bool) -> tuple[int | None, str]:
-    """``max_stats_memory`` in bytes (``"auto"``: planned from free memory) and a sentence saying why."""
+def plan_memory_of(plan: Plan, rank_is_a_cap: bool) -> int | None:
+    """Bytes of statistics (and bases) per calibration pass, and the micro-batches, as the settings say:
+    ``"auto"`` (the default for both) plans them from the free memory of the model's device and
+    :func:`fisher_kernels.memory.plan_memory`; a number or ``None`` is kept. Sets
+    ``plan.calibration.micro_batch_size`` and ``report.memory_plan`` (what was planned and why)."""
     max_stats_memory = plan.resources.max_stats_memory
-    if max_stats_memory is None:
-        return None, "one calibration pass: no max_stats_memory given"
-    if max_stats_memory != "auto":
-        return int(max_stats_memory), f"max_stats_memory={int(max_stats_memory)} bytes, as given"
+    micro_batch_size = plan.calibration.micro_batch_size
+    if plan.sharding:  # the estimate runs the model's forward on meta tensors, which a sharded model cannot
+        max_stats_memory = None if max_stats_memory == "auto" else max_stats_memory
+        micro_batch_size = None if micro_batch_size == "auto" else micro_batch_size
+        plan.calibration = dataclasses.replace(plan.calibration, micro_batch_size=micro_batch_size)
+    if max_stats_memory != "auto" and micro_batch_size != "auto":
+        plan.report.memory_plan = ("one calibration pass: no max_stats_memory given" if max_stats_memory is None else
+                                   f"max_stats_memory={int(max_stats_memory)} bytes, as given")
+        if plan.sharding:
+            plan.report.memory_plan += f" (a {plan.sharding} model is not planned: give the numbers)"
+        return None if max_stats_memory is None else int(max_stats_memory)
     model = plan.model
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     free, source = memory.available_memory(device)  # read here, so that a test can stand in for it
     batch_size, seq_len = batch_shape(plan.loader)
-    if plan.calibration.micro_batch_size is not None:
-        batch_size = min(batch_size, plan.calibration.micro_batch_size)
-    estimate = memory.estimate_memory(model, method=plan.method, r=plan.method.r, batch_size=batch_size,
-                                      seq_len=seq_len, target_modules=plan.names, model_resident=True,
-                                      rank_is_a_cap=rank_is_a_cap)
-    others = estimate.stages["activations"] + estimate.stages["temporaries"]
-    budget = int(AUTO_MARGIN * free) - others
-    if budget <= 0:
-        raise MemoryError(f"max_stats_memory='auto': {source} reports {free / 2**30:.2f} GiB free, but the calibration "
-                          f"pass alone is estimated at {others / 2**30:.2f} GiB (activations and temporaries); use "
-                          "smaller calibration batches")
-    return budget, (f"max_stats_memory='auto': {budget / 2**30:.2f} GiB = {AUTO_MARGIN:.0%} of the "
-                    f"{free / 2**30:.2f} GiB free ({source}) minus {others / 2**30:.2f} GiB estimated for the "
-                    "pass's activations and per-layer temporaries")
+    try:
+        planned = memory.plan_memory(model, plan.method, plan.names, batch_size=batch_size, seq_len=seq_len,
+                                     free_bytes=free, source=source, max_stats_memory=max_stats_memory,
+                                     micro_batch_size=micro_batch_size, can_repeat=iter(plan.loader) is not plan.loader,
+                                     rank_is_a_cap=rank_is_a_cap)
+    except MemoryError:
+        raise
+    except Exception as error:  # the estimate's forward on meta tensors takes input_ids alone: not every model does
+        if max_stats_memory == "auto" and micro_batch_size == "auto":
+            plan.calibration = dataclasses.replace(plan.calibration, micro_batch_size=None)
+            plan.report.memory_plan = (f"not planned (the memory estimate cannot run this model: "
+                                       f"{type(error).__name__}); one calibration pass of whole batches")
+            return None
+        raise ValueError(f"max_stats_memory={max_stats_memory!r}, micro_batch_size={micro_batch_size!r}: the memory "
+                         f"estimate that plans 'auto' cannot run this model ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:200]}); give both as numbers or None") from None
+    plan.calibration = dataclasses.replace(plan.calibration, micro_batch_size=planned.micro_batch_size)
+    plan.report.options["micro_batch_size"] = planned.micro_batch_size
+    plan.report.memory_plan = f"planned: {planned.reason}"
+    return planned.budget
 
 
 def batch_shape(loader) -> tuple[int, int]:
@@ -248,4 +263,4 @@ def batch_shape(loader) -> tuple[int, int]:
     tensor = first_tensor(batch)
     if tensor is None or tensor.dim() == 0:
         return 1, 1
-    return int(tensor.shape[0]), int(tensor.shape[1]) if tensor.dim() > 1 else 1
+    return max(1, int(tensor.shape[0])), max(1, int(tensor.shape[1])) if tensor.dim() > 1 else 1

@@ -96,7 +96,8 @@ def run_calibration_pass(model: nn.Module, loader, requests: dict[str, Statistic
     """:func:`collect_statistics` with its settings grouped; ``forward_module`` is what the pass calls
     when it is not ``model`` (a sharded ``PeftModel`` around ``model``: FSDP's root runs the forward)."""
     loss_fn, token_mask, fisher = calibration.loss_fn, calibration.token_mask, calibration.fisher
-    num_batches, micro_batch_size = calibration.num_batches, calibration.micro_batch_size
+    num_batches = calibration.num_batches
+    micro_batch_size = None if calibration.micro_batch_size == "auto" else calibration.micro_batch_size  # planned by init
     progress, distributed = resources.progress, resources.distributed
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise ValueError("gradient checkpointing is on: its recomputed forward passes would be counted twice; "
