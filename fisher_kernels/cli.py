@@ -80,48 +80,24 @@ def _auto_or_positive_int(text: str):
     return text if text == "auto" else _positive_int(text)
 
 
-def _positive_int(text: str) -> int:
-    """An option that counts something (a rank, a batch size, tokens): a positive integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _checked(convert, ok, what: str):
+    """An argparse ``type``: ``convert(text)``, refused unless ``ok(value)``, as "must be ``what``"."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    """``--lora-alpha``: a positive, finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def _probability(text: str) -> float:
-    """``--lora-dropout``: a dropout probability in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1), got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    """``--seed``: a non-negative integer (what ``random.Random`` and ``torch.manual_seed`` take)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
+# counts (a rank, a batch size, tokens); --lora-alpha; --lora-dropout; --seed (random.Random, torch.manual_seed)
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
+_probability = _checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+_seed = _checked(int, lambda v: v >= 0, "a non-negative integer")
 
 
 def _messages_ok(messages) -> bool:

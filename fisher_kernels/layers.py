@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .lazy_weights import LazyWeights
 from .quantized import compute_dtype, dequantized, is_quantized
 
 try:  # transformers is a dependency, but keep the module importable without it
@@ -52,7 +53,7 @@ def weight_dtype(module: nn.Module) -> torch.dtype:
     return compute_dtype(module) if is_quantized(module) else module.weight.dtype
 
 
-class WeightsOneAtATime:
+class WeightsOneAtATime(LazyWeights):
     """``{name: weight_matrix}`` read on access, one layer at a time (a model with quantized target
     layers: each access unpacks that layer, which is dropped after use)."""
 
@@ -63,24 +64,6 @@ class WeightsOneAtATime:
         if name not in self.names:
             raise KeyError(name)
         return weight_matrix(self.model.get_submodule(name)).detach()
-
-    def __contains__(self, name) -> bool:
-        return name in self.names
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def keys(self):
-        return list(self.names)
-
-    def items(self):
-        return ((n, self[n]) for n in self.names)
-
-    def restricted(self, names: list[str]) -> "WeightsOneAtATime":
-        return WeightsOneAtATime(self.model, names)
 
 
 def row_blocks(n: int, size: int):

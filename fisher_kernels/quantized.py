@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .lazy_weights import LazyWeights
+
 # class names of quantized layers from other libraries: refused until supported
 _OTHER_QUANTIZERS = ("HQQLinear", "QuantLinear", "WQLinear", "GPTQLinear", "AWQLinear", "Int8DynActInt4WeightLinear",
                      "FP8Linear", "QLinear", "EetqLinear", "MarlinLinear", "ExllamaLinear", "HiggsLinear")
@@ -148,7 +150,7 @@ def relative_error(approximation: torch.Tensor, target: torch.Tensor) -> float:
     return 0.0 if norm == 0 else float(torch.linalg.matrix_norm(approximation.float() - target) / norm)
 
 
-class CheckpointWeights:
+class CheckpointWeights(LazyWeights):
     """``{layer name: its full-precision weight (d_out, d_in)}`` read from a safetensors checkpoint
     (a file, or a directory with ``model.safetensors`` or a sharded index), one layer per access,
     memory-mapped: for a quantized model, the weights it was quantized from.
@@ -217,24 +219,3 @@ class CheckpointWeights:
                                        and relative_error(dequantized(module), W.T) < relative_error(dequantized(module), W)):
             W = W.T.contiguous()
         return W
-
-    def __contains__(self, name) -> bool:
-        return name in self.names
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def keys(self):
-        return list(self.names)
-
-    def items(self):
-        return ((n, self[n]) for n in self.names)
-
-    def restricted(self, names: list[str]) -> "CheckpointWeights":
-        subset = object.__new__(CheckpointWeights)
-        subset.path, subset.model, subset.names = self.path, self.model, list(names)
-        subset.where = {n: self.where[n] for n in names}
-        return subset
