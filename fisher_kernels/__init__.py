@@ -5,15 +5,15 @@ data's curvature says matter most, and returns a ready-to-train ``peft.PeftModel
 """
 
 from .api import init_lora
-from .callback import FisherInitCallback
-from .conversion import save_as_plain_lora, snapshot_adapter
+from .integrations.callback import FisherInitCallback
+from .adapters.conversion import save_as_plain_lora, snapshot_adapter
 from .layers import resolve_target_modules
 from .memory import MemoryEstimate, estimate_memory
 from .methods import METHODS
 from .ops import backends
 from .options import (FiletOptions, GaussianOptions, KaSAOptions, LoraDAOptions, LoraGAOptions, MethodOptions,
                       MiLoRAOptions, PiSSAOptions)
-from .peft_wiring import save_residual_model
+from .adapters.saving import save_residual_model
 from .pipeline import InitReport, compute_initialization, plan_layer_groups
 from .settings import Calibration, RankBudget, Resources
 from .statistics import (KFACStatistics, LayerStatistics, StatisticsRequest, collect_statistics,

@@ -14,16 +14,16 @@ import warnings
 
 from torch import nn
 
-from .existing_adapter import check_adapter_config, lora_layers_of, warn_about_shared_bases
+from .adapters.existing import check_adapter_config, lora_layers_of, warn_about_shared_bases
 from .layers import layer_dims, resolve_target_modules, trainable_heads
 from .methods import lora_scale
 from .options import method_and_options
-from .peft_wiring import make_lora_config
+from .adapters.config import make_lora_config
 from .pipeline import make_plan, run_stages, write_existing_adapter, write_new_adapter
 from .pipeline.plan import check_model, check_rank
 from .rank_allocation import allocate_ranks, rank_patterns, truncated
 from .settings import Calibration, RankBudget, Resources, grouped, rank_budget_of
-from .sharded import is_partitioned, sharding_of
+from .distributed.sharded import is_partitioned, sharding_of
 from .statistics import KFACStatistics
 
 
@@ -51,7 +51,7 @@ def init_lora(
             ``peft.get_peft_model`` does; if anything fails, it is left as it was. It may be
             sharded with FSDP2 (``fully_shard``), or be a ``PeftModel`` partitioned by DeepSpeed
             ZeRO-3 (``engine.module``): every rank then calls ``init_lora`` with its own shard of
-            the data (see :mod:`fisher_kernels.sharded`).
+            the data (see :mod:`fisher_kernels.distributed.sharded`).
         loader: iterable of calibration batches: dicts of tensors with ``labels`` (as
             ``transformers`` models take them), or ``(inputs, targets)`` pairs with ``loss_fn``;
             or a list / Dataset of unbatched examples (padded into batches of 8).
@@ -191,7 +191,7 @@ def init_lora(
 
 def _init_existing_adapter(peft_model, loader, adapter_name, method, r, lora_alpha, statistics, calibration, resources,
                            method_options, base_weights):
-    """:func:`init_lora` for one adapter of an existing ``PeftModel`` (see ``fisher_kernels.existing_adapter``)."""
+    """:func:`init_lora` for one adapter of an existing ``PeftModel`` (see ``fisher_kernels.adapters.existing``)."""
     config = check_adapter_config(peft_model, adapter_name, method, r, lora_alpha)
     layers = lora_layers_of(peft_model, adapter_name)
     if not layers:

@@ -7,7 +7,7 @@ import torch
 
 class LazyWeights:
     """The mapping part: ``names`` in order, ``self[name]`` read by the subclass on each access
-    (never kept), and ``restricted(names)`` for a subset (as :class:`~fisher_kernels.sharded.GatheredWeights`)."""
+    (never kept), and ``restricted(names)`` for a subset (as :class:`~fisher_kernels.distributed.sharded.GatheredWeights`)."""
 
     names: list[str]
 

@@ -12,7 +12,7 @@ from brute_force import brute_force_statistics
 from fisher_kernels import (StatisticsRequest, collect_statistics, compute_initialization, estimate_memory, resolve_target_modules)
 from fisher_kernels.layers import weight_matrix
 from fisher_kernels.methods.common import complete_triplets, singular_basis
-from fisher_kernels.peft_wiring import add_low_rank_
+from fisher_kernels.adapters.base_weights import add_low_rank_
 from tiny_models import make_model, make_samples, pad_batches
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -120,7 +120,7 @@ def test_at_most_one_layer_is_unpacked_at_a_time(checkpoint, monkeypatch):
         return W
 
     monkeypatch.setattr("fisher_kernels.layers.dequantized", counted)
-    monkeypatch.setattr("fisher_kernels.peft_wiring.dequantized", counted)
+    monkeypatch.setattr("fisher_kernels.adapters.base_weights.dequantized", counted)
     init_lora(load(checkpoint["llama-wide"], "nf4"), DATA, method="filet", r=4, progress=False)
     assert 1 <= most[0] <= 2  # the layer's own, and at most one made from it while it is in use
 

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..sharded import GatheredWeights
-from ..split_work import broadcast_results, compute_in_rounds, compute_share, deal
+from ..distributed.sharded import GatheredWeights
+from ..distributed.split_work import broadcast_results, compute_in_rounds, compute_share, deal
 from .plan import Plan
 
 
@@ -83,7 +83,7 @@ class Local:
 
 class SplitAcrossRanks(Local):
     """Whole weights on every rank; each rank computes the layers dealt to it, then every rank
-    receives every result (:mod:`fisher_kernels.split_work`)."""
+    receives every result (:mod:`fisher_kernels.distributed.split_work`)."""
 
     def __init__(self, plan: Plan):
         super().__init__(plan)

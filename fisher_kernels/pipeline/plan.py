@@ -25,8 +25,8 @@ from ..quantized import CheckpointWeights, is_quantized, refuse_unsupported
 from ..methods import METHODS
 from ..options import method_and_options
 from ..settings import Calibration, Resources, misplaced_keyword_hint
-from ..sharded import count_nonfinite, sharding_of
-from ..split_work import rank_and_world
+from ..distributed.sharded import count_nonfinite, sharding_of
+from ..distributed.split_work import rank_and_world
 from ..statistics import KFACStatistics
 from ..statistics.batches import as_batches, first_tensor
 from .report import InitReport
@@ -68,7 +68,7 @@ class Plan:
 
 def check_model(model, existing_adapter: bool = False) -> str | None:
     """Checks ``model``; returns its sharding (``"fsdp2"``, ``"zero3"`` or ``None``, see
-    :mod:`fisher_kernels.sharded`). ``existing_adapter``: ``model`` is the base of a ``PeftModel``
+    :mod:`fisher_kernels.distributed.sharded`). ``existing_adapter``: ``model`` is the base of a ``PeftModel``
     whose adapter is initialised (its LoRA layers are expected then)."""
     from peft.tuners.lora import LoraLayer
 

@@ -12,10 +12,11 @@ import time
 
 from torch import nn
 
-from ..conversion import snapshot_adapter
-from ..existing_adapter import restore_adapter, write_adapter
-from ..peft_wiring import apply_base_updates, remove_peft_layers, revert_base_updates, wrap_with_lora
-from ..sharded import average_gradients_over_ranks, is_sharded, reshard, sharding_of
+from ..adapters.conversion import snapshot_adapter
+from ..adapters.existing import restore_adapter, write_adapter
+from ..adapters.base_weights import apply_base_updates, revert_base_updates
+from ..adapters.layers import remove_peft_layers, wrap_with_lora
+from ..distributed.sharded import average_gradients_over_ranks, is_sharded, reshard, sharding_of
 from .report import InitReport
 
 

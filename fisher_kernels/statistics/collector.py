@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..sharded import release_after_pass
+from ..distributed.sharded import release_after_pass
 from ..ops import get_ops
 from .batches import IGNORE_INDEX, as_batches, prepare_batch, split_batch
 from .hooks import DeferredCounts, StatisticsHooks

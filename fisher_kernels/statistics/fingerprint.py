@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..sharded import is_partitioned, is_sharded, local_part
+from ..distributed.sharded import is_partitioned, is_sharded, local_part
 
 _HASH_CHUNK = 1 << 20
 _CACHED_COEFFICIENTS = 1 << 16

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..layers import layer_dims, row_blocks, weight_matrix
-from ..sharded import sharding_of
+from ..distributed.sharded import sharding_of
 from ..ops import cublas
 from .containers import LayerStatistics, StatisticsRequest
 from .fingerprint import read_together

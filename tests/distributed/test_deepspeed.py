@@ -31,7 +31,7 @@ def _rank_main(rank, world_size, port, out_dir, persistence_threshold):
     from peft import LoraConfig, get_peft_model
 
     from fisher_kernels import init_lora
-    from fisher_kernels.sharded import whole
+    from fisher_kernels.distributed.sharded import whole
     from tiny_models import make_model, make_samples, pad_batches
 
     deepspeed.init_distributed(dist_backend="gloo")

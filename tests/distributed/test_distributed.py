@@ -221,7 +221,7 @@ def _fsdp_rank_main(rank, world_size, init_file, out_dir):
     from peft import LoraConfig, get_peft_model
 
     from fisher_kernels import init_lora, save_residual_model
-    from fisher_kernels.sharded import whole
+    from fisher_kernels.distributed.sharded import whole
     from tiny_models import make_model, make_samples, pad_batches
 
     with process_group(rank, world_size, init_file, timeout_s=120):
@@ -353,7 +353,7 @@ def _fsdp_uneven_rank_main(rank, world_size, init_file, out_dir, case):
             return
         if case == "fault":  # the last stage fails after the residual went into the shards: all is put back
             import fisher_kernels.pipeline.write as write
-            from fisher_kernels.sharded import whole
+            from fisher_kernels.distributed.sharded import whole
 
             before = {name: whole(p).clone() for name, p in model.named_parameters()}
             requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -384,7 +384,7 @@ def _fsdp_uneven_rank_main(rank, world_size, init_file, out_dir, case):
             shard = pad_batches(samples[:6], 2) if rank == 0 else failing()
         try:
             peft_model = init_lora(model, shard, r=3, progress=False, micro_batch_size=1)
-            from fisher_kernels.sharded import whole
+            from fisher_kernels.distributed.sharded import whole
             outcome = {name: whole(m.weight) for name, m in peft_model.named_modules()
                        if name.endswith("lora_A.default")}
         except Exception as err:

@@ -197,7 +197,7 @@ def test_a_resumed_residual_run_trains_on_the_residual_base_it_started(tmp_path)
     PeftModel of the original weights writes the residual again (from the checkpoint's
     fisher_kernels_residual.safetensors) before the first step: the resumed model equals the one
     checkpointed, where it used to be 0.18 off in its logits."""
-    from fisher_kernels.callback import RESIDUAL_FILE
+    from fisher_kernels.integrations.callback import RESIDUAL_FILE
 
     samples = make_samples("llama", n=8)
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -220,7 +220,7 @@ def test_a_resumed_residual_run_trains_on_the_residual_base_it_started(tmp_path)
 
 
 def test_a_resumed_residual_run_without_its_residual_is_refused(tmp_path):
-    from fisher_kernels.callback import RESIDUAL_FILE
+    from fisher_kernels.integrations.callback import RESIDUAL_FILE
 
     samples = make_samples("llama", n=8)
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])

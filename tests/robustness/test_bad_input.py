@@ -7,7 +7,7 @@ import torch
 
 from conftest import assert_same_snapshot, snapshot
 from fisher_kernels import Calibration, FisherInitCallback, RankBudget, Resources, init_lora, save_residual_model
-from fisher_kernels.cli import main
+from fisher_kernels.integrations.cli import main
 from tiny_models import make_model, make_samples, pad_batches
 
 INIT_CASES = {  # keyword arguments: (exception, what the message must say)
@@ -149,7 +149,7 @@ def test_estimate_refuses_a_rank_that_init_refuses():
     (b'{"text": "caf\xe9"}', "not UTF-8 text"),
 ])
 def test_cli_names_the_file_and_line_of_bad_data(tmp_path, capsys, line, message):
-    from fisher_kernels.cli import read_jsonl
+    from fisher_kernels.integrations.cli import read_jsonl
 
     data = tmp_path / "d.jsonl"
     data.write_bytes(b'{"text": "fine"}\n' + line + b"\n")

@@ -11,7 +11,8 @@ import torch
 import peft
 
 import fisher_kernels.pipeline.write as write
-import fisher_kernels.peft_wiring as wiring
+import fisher_kernels.adapters.base_weights as base_weights
+import fisher_kernels.adapters.layers as adapter_layers
 from conftest import assert_same_snapshot, snapshot
 from fisher_kernels import init_lora
 from tiny_models import make_model, make_samples, pad_batches
@@ -41,9 +42,9 @@ def failing_after(calls, fault, after_call=False):
 STAGES = {
     # where: (module, attribute, calls let through, raise after the call)
     "peft wrapping": (peft, "get_peft_model", 0, True),
-    "adapter values": (wiring, "_materialise_kasa_adapter", 2, False),
+    "adapter values": (adapter_layers, "_materialise_kasa_adapter", 2, False),
     "adapter snapshot": (write, "snapshot_adapter", 0, False),
-    "base weights": (wiring, "add_low_rank_", 3, False),
+    "base weights": (base_weights, "add_low_rank_", 3, False),
     "report": (write, "attach_report", 0, False),
 }
 
@@ -92,7 +93,7 @@ def test_ctrl_c_while_a_layer_is_written_is_held_until_it_is_recorded_then_undon
     import os
     import signal
 
-    real = wiring.add_low_rank_
+    real = base_weights.add_low_rank_
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -101,7 +102,7 @@ def test_ctrl_c_while_a_layer_is_written_is_held_until_it_is_recorded_then_undon
             os.kill(os.getpid(), signal.SIGINT)  # arrives while the second layer is being written
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(wiring, "add_low_rank_", interrupted)
+    monkeypatch.setattr(base_weights, "add_low_rank_", interrupted)
     model = make_model("llama")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(KeyboardInterrupt):

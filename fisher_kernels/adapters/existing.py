@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from .sharded import copy_whole_
+from ..distributed.sharded import copy_whole_
 
 
 def lora_layers_of(peft_model, adapter_name: str) -> dict[str, nn.Module]:

@@ -19,7 +19,7 @@ import shutil
 
 import torch
 
-from .files import publish_directories, staging_directory
+from ..files import publish_directories, staging_directory
 
 INITIAL_ADAPTER_FILE = "fisher_kernels_initial_adapter.safetensors"
 
@@ -52,7 +52,7 @@ def snapshot_adapter(peft_model, adapter: str = "default") -> dict[str, tuple[to
     """CPU copies of every LoRA layer's ``(lora_A, lora_B)`` of ``adapter``, keyed by layer name."""
     from peft.tuners.lora import LoraLayer
 
-    from .sharded import whole
+    from ..distributed.sharded import whole
 
     base = peft_model.get_base_model()
     return {

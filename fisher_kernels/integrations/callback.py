@@ -33,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from .methods.common import LayerInit
-from .peft_wiring import apply_base_updates, revert_base_updates
+from ..methods.common import LayerInit
+from ..adapters.base_weights import apply_base_updates, revert_base_updates
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ class FisherInitCallback(TrainerCallback):
         if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
                                         or num_batches < 1):
             raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-        from .methods import METHODS
-        from .options import method_and_options
+        from ..methods import METHODS
+        from ..options import method_and_options
 
         name, _ = method_and_options(method, {})
         if name not in METHODS:
@@ -92,7 +92,7 @@ class FisherInitCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         from peft import PeftModel
 
-        from .api import init_lora
+        from ..api import init_lora
 
         while not isinstance(model, PeftModel) and hasattr(model, "module"):
             model = model.module  # DDP / accelerate wrappers
@@ -161,8 +161,8 @@ class FisherInitCallback(TrainerCallback):
 
     def _restore_residual(self, args, state, model) -> None:
         """A resumed run: the base weights become the residual the checkpoint's adapter was trained on."""
-        from .methods import METHODS
-        from .options import method_and_options
+        from ..methods import METHODS
+        from ..options import method_and_options
 
         method, options = method_and_options(self.method, dict(self.options))
         candidates = [c for c in (getattr(args, "resume_from_checkpoint", None),

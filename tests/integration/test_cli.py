@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
-from fisher_kernels.cli import REPORT_NAME, main
+from fisher_kernels.integrations.cli import REPORT_NAME, main
 from tiny_models import make_model, tiny_tokenizer
 
 
@@ -82,8 +82,8 @@ def test_errors_are_one_line(tmp_path, model_dir, capsys):
 
 
 def test_the_console_script_is_declared():
-    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
-    assert pyproject["project"]["scripts"]["fisher-kernels"] == "fisher_kernels.cli:main"
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["fisher-kernels"] == "fisher_kernels.integrations.cli:main"
 
 
 def _files(path):
@@ -191,7 +191,7 @@ def _word_tokenizer():
 
 
 def test_trl_prompt_completion_rows_put_the_loss_on_the_completion():
-    from fisher_kernels.cli import tokenise
+    from fisher_kernels.integrations.cli import tokenise
 
     plain, chat = tokenise([{"prompt": "t5 t6 t7", "completion": " t8 t9"},
                             {"prompt": [{"role": "user", "content": "t5 t6"}],
@@ -315,7 +315,7 @@ def test_a_cpu_run_prints_no_deepspeed_accelerator_warning(model_dir, data_file,
     import sys
 
     env = {k: v for k, v in __import__("os").environ.items() if k != "DS_ACCELERATOR"}
-    done = subprocess.run([sys.executable, "-m", "fisher_kernels.cli", "init", str(model_dir), str(data_file),
+    done = subprocess.run([sys.executable, "-m", "fisher_kernels.integrations.cli", "init", str(model_dir), str(data_file),
                            "--method", "pissa", "--r", "2", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -23,8 +23,8 @@ import random
 import sys
 from pathlib import Path
 
-from .device_memory import process_memory
-from .peft_wiring import check_output_dirs
+from ..device_memory import process_memory
+from ..adapters.saving import check_output_dirs
 
 REPORT_NAME = "fisher_kernels_report.json"
 INIT_DESCRIPTION = """Initialise a LoRA adapter from data and save it.
@@ -185,10 +185,10 @@ def command_init(args) -> None:
 
     from peft import LoraConfig
 
-    from . import (Calibration, KFACStatistics, RankBudget, Resources, collect_statistics, full_statistics_requests, init_lora, resolve_target_modules,
+    from .. import (Calibration, KFACStatistics, RankBudget, Resources, collect_statistics, full_statistics_requests, init_lora, resolve_target_modules,
                    save_residual_model)
-    from .methods import METHODS
-    from .statistics.batches import CollatedExamples
+    from ..methods import METHODS
+    from ..statistics.batches import CollatedExamples
 
     options = _json_options(args.options)
     _check_init_arguments(args, options, METHODS)
@@ -274,8 +274,8 @@ def command_convert(args) -> None:
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
-    from . import save_as_plain_lora
-    from .conversion import load_initial_adapter
+    from .. import save_as_plain_lora
+    from ..adapters.conversion import load_initial_adapter
 
     initial = load_initial_adapter(args.adapter)  # checked before any model is loaded
     base_dir = args.base or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
@@ -291,7 +291,7 @@ def command_estimate(args) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from . import estimate_memory
+    from .. import estimate_memory
 
     config = AutoConfig.from_pretrained(args.model)
     if args.dtype == "auto":  # what 'init --dtype auto' loads: the checkpoint's own dtype
@@ -311,7 +311,7 @@ def command_estimate(args) -> None:
 
 def command_plot(args) -> None:
     try:
-        from . import plots  # matplotlib: an optional dependency
+        from .. import plots  # matplotlib: an optional dependency
     except ImportError:
         raise RuntimeError("plot needs matplotlib: pip install matplotlib") from None
     try:
@@ -335,7 +335,7 @@ def command_plot(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
+    from ..methods import METHODS
 
     main = argparse.ArgumentParser(prog="fisher-kernels", description="Data-aware LoRA initialisation (fisher_kernels).")
     sub = main.add_subparsers(dest="command", required=True)

@@ -1,0 +1,1 @@
+"""Entry points besides the API: the Trainer / TRL callback, the command line and its plots."""
