@@ -185,8 +185,8 @@ def command_init(args) -> None:
 
     from peft import LoraConfig
 
-    from .. import (Calibration, KFACStatistics, RankBudget, Resources, collect_statistics, full_statistics_requests, init_lora, resolve_target_modules,
-                   save_residual_model)
+    from .. import (Calibration, KFACStatistics, RankBudget, Resources, collect_statistics, full_statistics_requests,
+                    init_lora, resolve_target_modules, save_residual_model)
     from ..methods import METHODS
     from ..statistics.batches import CollatedExamples
 
@@ -311,7 +311,7 @@ def command_estimate(args) -> None:
 
 def command_plot(args) -> None:
     try:
-        from .. import plots  # matplotlib: an optional dependency
+        from . import plots  # matplotlib: an optional dependency
     except ImportError:
         raise RuntimeError("plot needs matplotlib: pip install matplotlib") from None
     try:
