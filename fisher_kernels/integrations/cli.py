@@ -210,7 +210,18 @@ def command_init(args) -> None:
     examples = tokenise(rows, tokenizer, args.max_length) if needs_data else []
     if args.shuffle:  # else --num-batches takes the first examples of the file
         random.Random(args.seed).shuffle(examples)
-    model = _loaded(AutoModelForCausalLM.from_pretrained, args.model, "the model's weights", dtype=dtype).to(args.device)
+    if args.quantize:  # QLoRA: loaded by bitsandbytes onto the device; residual bases from this checkpoint
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+                        if args.quantize == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+        model = _loaded(AutoModelForCausalLM.from_pretrained, args.model, "the model's weights",
+                        quantization_config=quantization, device_map=args.device)
+        options.setdefault("base_weights", args.model)
+    else:
+        model = _loaded(AutoModelForCausalLM.from_pretrained, args.model, "the model's weights",
+                        dtype=dtype).to(args.device)
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -301,7 +312,8 @@ def command_estimate(args) -> None:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    estimate = estimate_memory(model, method=args.method, r=args.r, batch_size=args.batch_size, seq_len=args.seq_len)
+    estimate = estimate_memory(model, method=args.method, r=args.r, batch_size=args.batch_size, seq_len=args.seq_len,
+                               quantization=args.quantize)
     print(estimate)
     resident = process_memory("VmRSS")
     if resident is not None and args.device_kind == "cpu":  # on a GPU the process's host memory is not the device's
@@ -368,6 +380,9 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--max-rank", type=_positive_int, default=None, help="with --rank-budget: the most rank of a layer")
     init.add_argument("--max-stats-memory", type=_memory, default="auto",
                       help="bytes of statistics held at once, or 'auto' (several passes when they do not fit)")
+    init.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
+                      help="QLoRA: load the model with bitsandbytes (4-bit: nf4, computing in --dtype); residual bases "
+                           "are computed from the model directory's full-precision weights and quantized once")
     init.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                       help="the weights' dtype (auto: the checkpoint's)")
     init.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the model runs")
@@ -388,6 +403,8 @@ def parser() -> argparse.ArgumentParser:
     estimate.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence (init pads to the longest)")
     estimate.add_argument("--device-kind", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"],
                           help="where init will run (on the CPU the process's own memory is added)")
+    estimate.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
+                          help="estimate as if loaded with bitsandbytes in 4-bit or 8-bit (QLoRA)")
     estimate.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                           help="weights' dtype (default: the checkpoint's, as 'init --dtype auto' loads it)")
     estimate.set_defaults(run=command_estimate)

@@ -322,3 +322,26 @@ def test_a_cpu_run_prints_no_deepspeed_accelerator_warning(model_dir, data_file,
     assert (tmp_path / "out" / "base" / "config.json").exists()
     output = done.stdout + done.stderr
     assert "Setting accelerator" not in output and "FutureWarning" not in output
+
+
+def test_init_quantizes_with_bitsandbytes_and_saves_a_4bit_residual_base(tmp_path, data_file, capsys):
+    """``--quantize 4bit``: the model loaded in 4-bit, residual bases from the directory's full-precision
+    weights (quantized once), the base saved in 4-bit and reloaded so."""
+    pytest.importorskip("bitsandbytes")
+    model_dir = tmp_path / "model"
+    make_model("llama-wide").save_pretrained(model_dir)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer.save_pretrained(model_dir)
+    assert main(["init", str(model_dir), str(data_file), "--method", "filet", "--r", "2", "--quantize", "4bit",
+                 "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "adapter" / REPORT_NAME).read_text())
+    errors = report["quantization_errors"]
+    assert errors and all(e["loaded"] > 0 for e in errors.values())  # the checkpoint route
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base", device_map="cpu")
+    assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert main(["estimate", str(model_dir), "--method", "filet", "--r", "2", "--batch-size", "2", "--seq-len", "16",
+                 "--device-kind", "cpu", "--quantize", "4bit"]) == 0
+    assert "filet: peak" in capsys.readouterr().out
