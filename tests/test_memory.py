@@ -150,7 +150,7 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(method, dtype):
 @pytest.mark.parametrize("method,dtype,factor", [("filet", "fp32", 1.1), ("lora_da", "bf16", 5.0)])
 def test_the_default_plan_keeps_the_peak_under_a_simulated_budget(method, dtype, factor):
     """Free memory set to a few times the model (hidden 1024, 2 blocks), below what one pass of whole
-    batches takes (measured: FILet fp32 185 MiB above the model, LoRA-DA bf16 431 MiB): the default
+    batches takes (measured: FILet fp32 185 MB above the model, LoRA-DA bf16 431 MB): the default
     settings plan micro-batches and passes whose measured peak stays under it."""
     row = _measure([method, dtype, 2, factor])
     assert row["peak_above_model_bytes"] <= row["free_bytes"], (row["peak_above_model_bytes"] / 2**20,
