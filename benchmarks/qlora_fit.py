@@ -24,8 +24,8 @@ MICRO_BATCHES = (1, 2, 4, 8)
 
 def fits(model, method: str, r: int, seq_len: int, gpu_bytes: float) -> dict:
     """The largest micro-batch that fits in one pass, and, failing that, with the statistics split."""
-    from fisher_kernels import estimate_memory
-    from fisher_kernels.layers import layer_dims
+    from fisher_kernels import estimate_memory, resolve_target_modules
+    from fisher_kernels.memory import consecutive_groups, layer_held_bytes
     from fisher_kernels.methods import METHODS as ALL, lora_scale
 
     row = {"method": method, "one_pass": None, "split": None}
@@ -36,16 +36,10 @@ def fits(model, method: str, r: int, seq_len: int, gpu_bytes: float) -> dict:
             row["one_pass"] = {"micro_batch": micro, "peak_bytes": e.peak_bytes}
         if e.stages["statistics"] and row["one_pass"] is None:
             room = gpu_bytes - (e.peak_bytes - e.stages["statistics"])  # what the statistics may take
-            init = ALL[method](r, lora_scale(r, r))
-            layers = [init.held_bytes(*layer_dims(model.get_submodule(n)), torch.bfloat16) for n in
-                      [n for n, _ in model.named_modules() if n.split(".")[-1] in TARGETS]]
-            if room >= max(layers) and (row["split"] is None or row["split"]["micro_batch"] < micro):
-                passes, used = 1, 0
-                for need in layers:
-                    if used + need > room:
-                        passes, used = passes + 1, 0
-                    used += need
-                row["split"] = {"micro_batch": micro, "passes": passes, "max_stats_memory": int(room)}
+            layers = layer_held_bytes(model, ALL[method](r, lora_scale(r, r)), resolve_target_modules(model, TARGETS))
+            if room >= max(layers.values()) and (row["split"] is None or row["split"]["micro_batch"] < micro):
+                row["split"] = {"micro_batch": micro, "passes": len(consecutive_groups(layers, room)),
+                                "max_stats_memory": int(room)}
     return row
 
 

@@ -20,9 +20,9 @@ from .methods import lora_scale
 from .options import method_and_options
 from .adapters.config import make_lora_config
 from .pipeline import make_plan, run_stages, write_existing_adapter, write_new_adapter
-from .pipeline.plan import check_model, check_rank
+from .pipeline.plan import check_model
 from .rank_allocation import allocate_ranks, rank_patterns, truncated
-from .settings import Calibration, RankBudget, Resources, grouped, rank_budget_of
+from .settings import Calibration, RankBudget, Resources, grouped, positive_int, rank_budget_of
 from .distributed.sharded import is_partitioned, sharding_of
 from .statistics import KFACStatistics
 
@@ -150,7 +150,7 @@ def init_lora(
     if r is None and budget is not None:
         r = max(1, round(budget.total / len(resolve_target_modules(model, target_modules))))
     r = 16 if r is None else r
-    check_rank(r)
+    positive_int("r", r)
     lora_alpha = r if lora_alpha is None else lora_alpha
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
         raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")

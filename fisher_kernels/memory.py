@@ -251,8 +251,8 @@ def plan_memory(model: nn.Module, method: InitMethod, names: list[str], *, batch
     batches). ``can_repeat=False`` (a loader that is a generator): one pass only. Raises
     ``MemoryError`` when even the smallest plan does not fit and nothing was fixed by the caller."""
     room_total = int(PLAN_MARGIN * free_bytes)
-    held = [method.held_bytes(*layer_dims(model.get_submodule(n)), weight_dtype(model.get_submodule(n))) for n in names]
-    total, largest = sum(held), max(held, default=0)
+    held = layer_held_bytes(model, method, names)
+    total, largest = sum(held.values()), max(held.values(), default=0)
     micro_options = micro_batch_candidates(batch_size) if micro_batch_size == "auto" else [micro_batch_size or batch_size]
     best = None  # (passes, -micro, micro, budget, peak)
     smallest_need = None
@@ -267,7 +267,7 @@ def plan_memory(model: nn.Module, method: InitMethod, names: list[str], *, batch
                 passes, budget = 1, None
             elif room >= largest and can_repeat:
                 budget = room
-                passes = _passes(held, budget)
+                passes = len(consecutive_groups(held, budget))
             else:
                 continue
         elif max_stats_memory is None:
@@ -278,7 +278,7 @@ def plan_memory(model: nn.Module, method: InitMethod, names: list[str], *, batch
             if room < min(int(max_stats_memory), total):
                 continue
             budget = int(max_stats_memory)
-            passes = _passes(held, budget)
+            passes = len(consecutive_groups(held, budget))
         peak = others + (total if budget is None else min(budget, total))
         key = (passes, -micro)
         if best is None or key < best[0]:
@@ -291,7 +291,7 @@ def plan_memory(model: nn.Module, method: InitMethod, names: list[str], *, batch
                           f"estimated at {smallest_need / 2**30:.2f} GiB (plans use {PLAN_MARGIN:.0%}); use shorter "
                           "sequences, or shard the model")
     _, micro, budget, peak = best
-    passes = 1 if budget is None else _passes(held, budget)
+    passes = 1 if budget is None else len(consecutive_groups(held, budget))
     micro_out = None if micro == batch_size else micro
     why = (f"{free_bytes / 2**30:.2f} GiB free ({source}), {PLAN_MARGIN:.0%} planned: "
            f"{'whole batches' if micro_out is None else f'micro-batches of {micro}'}, {passes} calibration "
@@ -299,10 +299,34 @@ def plan_memory(model: nn.Module, method: InitMethod, names: list[str], *, batch
     return MemoryPlan(micro_batch_size=micro_out, budget=budget, peak_bytes=int(peak), reason=why)
 
 
-def _passes(held: list[int], budget: int) -> int:
-    passes, used = 1, 0
-    for need in held:
-        if used and used + need > budget:
-            passes, used = passes + 1, 0
+def layer_held_bytes(model: nn.Module, method: InitMethod, names: list[str]) -> dict[str, int]:
+    """``{layer: bytes}`` each target layer holds from before the pass until it is initialised
+    (statistics and bases, in the layer's compute dtype): what a calibration group's budget counts."""
+    return {n: method.held_bytes(*layer_dims(model.get_submodule(n)), weight_dtype(model.get_submodule(n)))
+            for n in names}
+
+
+def plan_layer_groups(layer_bytes: dict[str, int], max_stats_memory: int | None) -> list[list[str]]:
+    """Consecutive groups of layers whose held bytes (``{name: bytes}``: statistics and bases from
+    before the pass until the layer is initialised) fit in ``max_stats_memory`` (all layers in
+    one group when no budget is given)."""
+    if max_stats_memory is None:
+        return [list(layer_bytes)]
+    for name, need in layer_bytes.items():
+        if need > max_stats_memory:
+            raise ValueError(f"layer {name!r} alone needs {need} bytes of statistics, more than "
+                             f"max_stats_memory={max_stats_memory}")
+    return consecutive_groups(layer_bytes, max_stats_memory)
+
+
+def consecutive_groups(layer_bytes: dict[str, int], budget: int) -> list[list[str]]:
+    """Layers in order, a new group whenever the next one would take the current past ``budget``."""
+    groups, current, used = [], [], 0
+    for name, need in layer_bytes.items():
+        if current and used + need > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
         used += need
-    return passes
+    groups.append(current)
+    return groups

@@ -77,14 +77,21 @@ def dequantized(module: nn.Module) -> torch.Tensor:
     kind = quantization_of(module)
     weight = module.weight
     if kind == "4bit":
-        data, state = weight.data, weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # repacked for the CPU's inference kernel
-            data, state = F._convert_weight_packed_for_cpu_inverse(data, state)
-        return F.dequantize_4bit(data, state).reshape(module.out_features, module.in_features)
+        return F.dequantize_4bit(*_unpacked(weight)).reshape(module.out_features, module.in_features)
     if kind == "8bit":
         scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
         return F.int8_vectorwise_dequant(weight.data, scales).reshape(module.out_features, module.in_features)
     raise TypeError(f"{type(module).__name__} is not a bitsandbytes 4-bit or 8-bit layer")
+
+
+def _unpacked(weight) -> tuple[torch.Tensor, object]:
+    """A 4-bit weight's packed data and quant state in bitsandbytes' usual layout (undoing the CPU
+    inference kernel's repacking, which carries the same values)."""
+    import bitsandbytes.functional as F
+
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        return F._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    return weight.data, weight.quant_state
 
 
 @torch.no_grad()
@@ -98,13 +105,13 @@ def quantize_into_(module: nn.Module, W: torch.Tensor) -> None:
     old = module.weight
     if kind == "4bit":
         state = old.quant_state
-        dtype = module.compute_dtype or torch.float32
-        data, new_state = F.quantize_4bit(W.to(dtype).contiguous(), blocksize=state.blocksize,
+        data, new_state = F.quantize_4bit(W.to(compute_dtype(module)).contiguous(), blocksize=state.blocksize,
                                           compress_statistics=state.nested, quant_type=state.quant_type,
                                           quant_storage=old.quant_storage)
-        module.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=new_state, blocksize=state.blocksize,
-                                          compress_statistics=state.nested, quant_type=state.quant_type,
-                                          quant_storage=old.quant_storage, module=module, bnb_quantized=True)
+        set_weight_(module, bnb.nn.Params4bit(data, requires_grad=False, quant_state=new_state,
+                                              blocksize=state.blocksize, compress_statistics=state.nested,
+                                              quant_type=state.quant_type, quant_storage=old.quant_storage,
+                                              module=module, bnb_quantized=True))
         return
     if kind == "8bit":
         if getattr(old, "SCB", None) is None:  # a forward moved its int8 data and scales into the layer's state
@@ -112,17 +119,17 @@ def quantize_into_(module: nn.Module, W: torch.Tensor) -> None:
         CB, SCB, _ = F.int8_vectorwise_quant(W.to(torch.float16).contiguous())
         new = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False)
         new.CB, new.SCB = CB, SCB
-        module.weight = new
-        module.state.CB, module.state.SCB = None, None  # the next forward takes them from the new weight
+        set_weight_(module, new)
         return
     raise TypeError(f"{type(module).__name__} is not a bitsandbytes 4-bit or 8-bit layer")
 
 
-def restore_weight_(module: nn.Module, weight: nn.Parameter) -> None:
-    """Put back a weight parameter :func:`quantize_into_` replaced (exactly, with its state)."""
+def set_weight_(module: nn.Module, weight: nn.Parameter) -> None:
+    """``weight`` as the layer's weight parameter: a new one from :func:`quantize_into_`, or the one it
+    replaced, put back exactly (an 8-bit layer's next forward takes the int8 data and scales from it)."""
     module.weight = weight
     if quantization_of(module) == "8bit":
-        module.state.CB, module.state.SCB = None, None  # the next forward takes them from the weight
+        module.state.CB, module.state.SCB = None, None
 
 
 def keep_gradients_flowing_(model: nn.Module) -> None:
@@ -132,15 +139,12 @@ def keep_gradients_flowing_(model: nn.Module) -> None:
     gradient back to the layer's input. Every repacked weight is unpacked again (the same values)
     and the 4-bit layers are put in training mode (they hold no dropout), so the pass's gradients
     reach every layer."""
-    import bitsandbytes.functional as F
-
     for module in model.modules():
         if quantization_of(module) != "4bit":
             continue
         module.training = True
         weight = module.weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = F._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        weight.data, weight.quant_state = _unpacked(weight)
 
 
 def relative_error(approximation: torch.Tensor, target: torch.Tensor) -> float:
@@ -160,52 +164,25 @@ class CheckpointWeights(LazyWeights):
     (square ones: the orientation closest to the quantized layer's own weight)."""
 
     def __init__(self, path, model: nn.Module, names: list[str]):
-        import json
-        import os
-
         from safetensors import safe_open
 
         self.path, self.model, self.names = str(path), model, list(names)
-        if os.path.isfile(self.path):
-            files = None
-            single = self.path
-        elif os.path.isfile(os.path.join(self.path, "model.safetensors.index.json")):
-            with open(os.path.join(self.path, "model.safetensors.index.json")) as f:
-                files = {k: os.path.join(self.path, v) for k, v in json.load(f)["weight_map"].items()}
-            single = None
-        elif os.path.isfile(os.path.join(self.path, "model.safetensors")):
-            files, single = None, os.path.join(self.path, "model.safetensors")
-        else:
-            raise ValueError(f"base_weights={self.path!r}: no safetensors checkpoint there (a .safetensors file, or a "
-                             "directory with model.safetensors or model.safetensors.index.json)")
+        file_of = _checkpoint_keys(self.path)
         self.where: dict[str, tuple[str, str]] = {}
-        keys_of: dict[str, set] = {}
         for name in self.names:
             stem = name.removesuffix(".base_layer").removeprefix("base_model.model.")
             candidates = [f"{stem}.weight", f"base_model.model.{stem}.weight"]
-            file = single
-            found = None
-            for key in candidates:
-                if files is not None and key in files:
-                    file, found = files[key], key
-                    break
-                if files is None:
-                    if file not in keys_of:
-                        with safe_open(file, framework="pt") as f:
-                            keys_of[file] = set(f.keys())
-                    if key in keys_of[file]:
-                        found = key
-                        break
+            found = next((key for key in candidates if key in file_of), None)
             if found is None:
                 raise ValueError(f"base_weights={self.path!r} holds no weight for layer {name!r} (looked for "
                                  f"{candidates[0]!r}): give the checkpoint the quantized model was loaded from")
             module = model.get_submodule(name)
-            with safe_open(file, framework="pt") as f:
+            with safe_open(file_of[found], framework="pt") as f:
                 shape = tuple(f.get_slice(found).get_shape())
             if sorted(shape) != sorted((module.out_features, module.in_features)) or len(shape) != 2:
                 raise ValueError(f"base_weights: {found} has shape {shape}, but layer {name!r} is "
                                  f"{module.out_features}×{module.in_features}: another model's checkpoint")
-            self.where[name] = (file, found)
+            self.where[name] = (file_of[found], found)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -215,7 +192,33 @@ class CheckpointWeights(LazyWeights):
             W = f.get_tensor(key).float()
         module = self.model.get_submodule(name)
         shape = (module.out_features, module.in_features)
-        if tuple(W.shape) != shape or (shape[0] == shape[1] and is_quantized(module)
-                                       and relative_error(dequantized(module), W.T) < relative_error(dequantized(module), W)):
-            W = W.T.contiguous()
+        if tuple(W.shape) != shape:
+            return W.T.contiguous()
+        if shape[0] == shape[1] and is_quantized(module):  # square: the orientation the quantized layer is closer to
+            own = dequantized(module)
+            if relative_error(own, W.T) < relative_error(own, W):
+                return W.T.contiguous()
         return W
+
+
+def _checkpoint_keys(path: str) -> dict[str, str]:
+    """``{tensor key: file}`` of a safetensors checkpoint: a file, or a directory with a sharded index or
+    ``model.safetensors``."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(path):
+        single = path
+    elif os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        single = os.path.join(path, "model.safetensors")
+    else:
+        raise ValueError(f"base_weights={path!r}: no safetensors checkpoint there (a .safetensors file, or a "
+                         "directory with model.safetensors or model.safetensors.index.json)")
+    with safe_open(single, framework="pt") as f:
+        return {key: single for key in f.keys()}

@@ -23,11 +23,13 @@ TOKEN_MASKS = ("attention", "labels")
 FISHER_KINDS = ("empirical", "true")
 
 
-def _positive_int(name: str, value, optional: bool = True) -> None:
+def positive_int(name: str, value, optional: bool = False) -> int | None:
+    """``value`` as an int, or a one-line ``ValueError`` naming ``name`` (``None`` passes when ``optional``)."""
     if value is None and optional:
-        return
+        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,9 @@ class Calibration:
     micro_batch_size: int | str | None = "auto"
 
     def __post_init__(self):
-        _positive_int("num_batches", self.num_batches)
+        positive_int("num_batches", self.num_batches, optional=True)
         if self.micro_batch_size != "auto":
-            _positive_int("micro_batch_size", self.micro_batch_size)
+            positive_int("micro_batch_size", self.micro_batch_size, optional=True)
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
         if self.token_mask not in TOKEN_MASKS:
@@ -116,8 +118,8 @@ class RankBudget:
 
     def __post_init__(self):
         for name in ("total", "min_rank"):
-            _positive_int("rank_budget" if name == "total" else name, getattr(self, name), optional=False)
-        _positive_int("max_rank", self.max_rank)
+            positive_int("rank_budget" if name == "total" else name, getattr(self, name))
+        positive_int("max_rank", self.max_rank, optional=True)
         if self.max_rank is not None and self.max_rank < self.min_rank:
             raise ValueError(f"max_rank={self.max_rank} is below min_rank={self.min_rank}")
 
@@ -146,8 +148,7 @@ def rank_budget_of(value) -> RankBudget | None:
     """``rank_budget`` as given (an int, a :class:`RankBudget` or ``None``) as a ``RankBudget``."""
     if value is None or isinstance(value, RankBudget):
         return value
-    _positive_int("rank_budget", value, optional=False)
-    return RankBudget(total=int(value))
+    return RankBudget(total=positive_int("rank_budget", value))
 
 
 def misplaced_keyword_hint(names) -> str:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..layers import row_blocks, update_rows, weight_matrix
-from ..quantized import dequantized, is_quantized, quantize_into_, relative_error, restore_weight_
+from ..quantized import dequantized, is_quantized, quantize_into_, relative_error, set_weight_
 from ..distributed.sharded import is_partitioned, is_sharded, local_update_factors, modify_whole_
 from ..methods import LayerInit
 
@@ -124,6 +124,6 @@ def revert_base_updates(model: nn.Module, done: list) -> None:
     """Undo :func:`apply_base_updates` (``W ← W + P Q``, last layer first; exact up to one rounding)."""
     for name, P, Q, original, _ in reversed(done):
         if original is not None:
-            restore_weight_(_base_layer(model, name), original)
+            set_weight_(_base_layer(model, name), original)
         else:
             add_low_rank_(_base_layer(model, name), P, Q, alpha=1.0)

@@ -12,7 +12,8 @@
 """
 
 from .compute import compute_initialization, run_stages
-from .plan import Plan, make_plan, plan_layer_groups
+from ..memory import plan_layer_groups
+from .plan import Plan, make_plan
 from .report import InitReport
 from .write import write_existing_adapter, write_new_adapter
 

@@ -20,11 +20,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import memory
-from ..layers import WeightsOneAtATime, check_rank_fits, layer_dims, resolve_target_modules, weight_dtype, weight_matrix
+from ..layers import WeightsOneAtATime, check_rank_fits, resolve_target_modules, weight_matrix
 from ..quantized import CheckpointWeights, is_quantized, refuse_unsupported
 from ..methods import METHODS
 from ..options import method_and_options
-from ..settings import Calibration, Resources, misplaced_keyword_hint
+from ..settings import Calibration, Resources, misplaced_keyword_hint, positive_int
 from ..distributed.sharded import count_nonfinite, sharding_of
 from ..distributed.split_work import rank_and_world
 from ..statistics import KFACStatistics
@@ -81,12 +81,6 @@ def check_model(model, existing_adapter: bool = False) -> str | None:
     return sharding
 
 
-def check_rank(r, name: str = "r") -> int:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-        raise ValueError(f"{name} must be a positive integer, got {r!r}")
-    return int(r)
-
-
 def make_plan(model: nn.Module, loader, *, method, r: int, scale: float, target_modules, method_options: dict,
               calibration: Calibration, resources: Resources, statistics: KFACStatistics | None,
               rank_is_a_cap: bool = False, existing_adapter: bool = False,
@@ -102,7 +96,7 @@ def make_plan(model: nn.Module, loader, *, method, r: int, scale: float, target_
     if unknown:
         raise TypeError(f"method {method!r} got unexpected options {unknown}; it accepts "
                         f"{METHODS[method].option_names() or 'none'}{misplaced_keyword_hint(unknown)}")
-    r = check_rank(r)
+    r = positive_int("r", r)
     names = resolve_target_modules(model, target_modules)
     refuse_unsupported(model, names)
     if not rank_is_a_cap:  # a rank budget's r is each layer's cap, min(r, the layer's min(d))
@@ -161,9 +155,7 @@ def make_plan(model: nn.Module, loader, *, method, r: int, scale: float, target_
         report.memory_plan = "statistics given: no calibration pass"
     else:
         budget = plan_memory_of(plan, rank_is_a_cap)
-        layer_bytes = {n: init_method.held_bytes(*layer_dims(model.get_submodule(n)), weight_dtype(model.get_submodule(n)))
-                       for n in names}
-        plan.groups = plan_layer_groups(layer_bytes, budget)
+        plan.groups = memory.plan_layer_groups(memory.layer_held_bytes(model, init_method, names), budget)
         if len(plan.groups) > 1 and iter(loader) is loader:
             raise ValueError(f"max_stats_memory={resources.max_stats_memory} needs {len(plan.groups)} passes over the "
                              "data, so the loader must be re-iterable (a DataLoader or a list, not a generator)")
@@ -189,26 +181,6 @@ def summary_line(plan: Plan) -> str:
             if plan.needs_pass else "no calibration pass")
     return (f"fisher_kernels: {plan.method.name}, r {plan.method.r}, {len(plan.names)} layers; {data}; "
             f"{plan.report.memory_plan}")
-
-
-def plan_layer_groups(layer_bytes: dict[str, int], max_stats_memory: int | None) -> list[list[str]]:
-    """Consecutive groups of layers whose held bytes (``{name: bytes}``: statistics and bases from
-    before the pass until the layer is initialised) fit in ``max_stats_memory`` (all layers in
-    one group when no budget is given)."""
-    if max_stats_memory is None:
-        return [list(layer_bytes)]
-    groups, current, used = [], [], 0
-    for name, need in layer_bytes.items():
-        if need > max_stats_memory:
-            raise ValueError(f"layer {name!r} alone needs {need} bytes of statistics, more than "
-                             f"max_stats_memory={max_stats_memory}")
-        if current and used + need > max_stats_memory:
-            groups.append(current)
-            current, used = [], 0
-        current.append(name)
-        used += need
-    groups.append(current)
-    return groups
 
 
 def plan_memory_of(plan: Plan, rank_is_a_cap: bool) -> int | None:
