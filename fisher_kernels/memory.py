@@ -181,10 +181,13 @@ def _saved_tensor_bytes(model: nn.Module, names: list[str], batch_size: int, seq
     seen: dict[int, int] = {}
     inputs_seen: set[int] = set()
     shares_input: set[str] = set()
+    alive: list[torch.Tensor] = []  # every tensor whose id is recorded, held (meta: no memory) so no id is reused
 
     def keep(t):
         base = t._base if t._base is not None else t
         if id(base) not in parameter_ids and t.device.type == "meta":  # parameters (and their views) are the model's
+            if id(base) not in seen:
+                alive.append(base)
             seen.setdefault(id(base), base.numel() * base.element_size())
         return t
 
@@ -194,6 +197,7 @@ def _saved_tensor_bytes(model: nn.Module, names: list[str], batch_size: int, seq
             if id(x) in inputs_seen:
                 shares_input.add(name)
             inputs_seen.add(id(x))
+            alive.append(x)
             if hold_inputs:
                 keep(x)
             if isinstance(output, torch.Tensor) and not output.requires_grad:
