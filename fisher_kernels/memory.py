@@ -124,7 +124,7 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
         return estimate
     planned = plan_memory(model, init_method, names, batch_size=batch_size, seq_len=seq_len,
                           free_bytes=int(device_bytes) - model_bytes, source=f"a {device_bytes / 2**30:.0f} GiB device",
-                          rank_is_a_cap=rank_is_a_cap)
+                          rank_is_a_cap=rank_is_a_cap, quantization=quantization)
     if planned.micro_batch_size is not None:
         estimate = estimate_memory(model, method=init_method, r=r, batch_size=planned.micro_batch_size,
                                    seq_len=seq_len, target_modules=names, model_resident=model_resident,
@@ -248,11 +248,12 @@ def micro_batch_candidates(batch_size: int) -> list[int]:
 
 def plan_memory(model: nn.Module, method: InitMethod, names: list[str], *, batch_size: int, seq_len: int,
                 free_bytes: int, source: str, max_stats_memory="auto", micro_batch_size="auto",
-                can_repeat: bool = True, rank_is_a_cap: bool = False) -> MemoryPlan:
+                can_repeat: bool = True, rank_is_a_cap: bool = False, quantization: str | None = None) -> MemoryPlan:
     """The fewest calibration passes, then the largest micro-batches, whose estimated peak fits
     ``PLAN_MARGIN`` of ``free_bytes`` (the model already resident). ``max_stats_memory`` /
     ``micro_batch_size``: ``"auto"`` (planned), a number (kept) or ``None`` (one pass / whole
-    batches). ``can_repeat=False`` (a loader that is a generator): one pass only. Raises
+    batches). ``can_repeat=False`` (a loader that is a generator): one pass only. ``quantization``: as
+    :func:`estimate_memory`'s, for a meta model estimated as if quantized. Raises
     ``MemoryError`` when even the smallest plan does not fit and nothing was fixed by the caller."""
     room_total = int(PLAN_MARGIN * free_bytes)
     held = layer_held_bytes(model, method, names)
@@ -262,7 +263,8 @@ def plan_memory(model: nn.Module, method: InitMethod, names: list[str], *, batch
     smallest_need = None
     for micro in micro_options:
         estimate = estimate_memory(model, method=method, r=method.r, batch_size=micro, seq_len=seq_len,
-                                   target_modules=names, model_resident=False, rank_is_a_cap=rank_is_a_cap)
+                                   target_modules=names, model_resident=False, rank_is_a_cap=rank_is_a_cap,
+                                   quantization=quantization)
         others = max(estimate.stages["activations"], estimate.stages["temporaries"]) + estimate.stages["runtime"]
         room = room_total - others
         smallest_need = others + largest if smallest_need is None else min(smallest_need, others + largest)
