@@ -70,13 +70,8 @@ def _loaded(load, directory: str, what: str, **kwargs):
         raise ValueError(f"{directory}: cannot load {what} ({type(err).__name__}: {first})") from None
 
 
-def _memory(text: str):
-    """``--max-stats-memory``: a positive number of bytes, or ``auto``."""
-    return text if text == "auto" else _positive_int(text)
-
-
 def _auto_or_positive_int(text: str):
-    """``--micro-batch-size``: a positive integer, or ``auto``."""
+    """``--max-stats-memory`` (bytes) and ``--micro-batch-size``: a positive integer, or ``auto``."""
     return text if text == "auto" else _positive_int(text)
 
 
@@ -378,7 +373,7 @@ def parser() -> argparse.ArgumentParser:
                       help="FILet: the total rank over all layers, spread by Fisher energy")
     init.add_argument("--min-rank", type=_positive_int, default=1, help="with --rank-budget: the least rank of a layer")
     init.add_argument("--max-rank", type=_positive_int, default=None, help="with --rank-budget: the most rank of a layer")
-    init.add_argument("--max-stats-memory", type=_memory, default="auto",
+    init.add_argument("--max-stats-memory", type=_auto_or_positive_int, default="auto",
                       help="bytes of statistics held at once, or 'auto' (several passes when they do not fit)")
     init.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
                       help="QLoRA: load the model with bitsandbytes (4-bit: nf4, computing in --dtype); residual bases "
