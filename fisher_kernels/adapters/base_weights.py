@@ -4,8 +4,6 @@ on failure (plain, sharded, partitioned and quantized weights).
 
 from __future__ import annotations
 
-
-
 import contextlib
 import signal
 import threading
@@ -19,8 +17,6 @@ from ..distributed.sharded import is_partitioned, is_sharded, local_update_facto
 from ..methods import LayerInit
 
 
-
-
 def _base_layer(model: nn.Module, name: str) -> nn.Module:
     module = model.get_submodule(name)
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
@@ -32,12 +28,9 @@ def add_low_rank_(module: nn.Module, P: torch.Tensor, Q: torch.Tensor, alpha: fl
     weights, through one fp32 temporary of ``UPDATE_ENTRIES`` entries (``UPDATE_ENTRIES_CUDA`` on a
     GPU) for narrower dtypes (the same numbers as one fp32 temporary of the whole layer). A sharded
     (FSDP2) weight: this rank's rows;
-    a partitioned (ZeRO-3) one: gathered, changed on rank 0 and re-partitioned; a quantized
-    (bitsandbytes) one: unpacked, changed and quantized again with its own settings."""
-    if is_quantized(module):
-        W = dequantized(module).float()
-        quantize_into_(module, W.addmm_(P.to(W.device, torch.float32), Q.to(W.device, torch.float32), alpha=alpha))
-    elif is_sharded(module.weight):
+    a partitioned (ZeRO-3) one: gathered, changed on rank 0 and re-partitioned. (A quantized layer's
+    base is replaced, not changed: :func:`apply_base_updates`.)"""
+    if is_sharded(module.weight):
         _add_low_rank_to_(*local_update_factors(module, P, Q), alpha)
     elif is_partitioned(module.weight):  # ZeRO-3: the whole weight, changed on rank 0 and re-partitioned
         modify_whole_(module.weight, lambda W: _add_low_rank_to_(W if isinstance(module, nn.Linear) else W.T, P, Q,
