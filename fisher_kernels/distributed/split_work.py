@@ -78,25 +78,45 @@ def broadcast_results(results: dict, owner: dict[str, int], names: list[str], de
     return out
 
 
-def compute_in_rounds(units: list[list[str]], gather, work, device) -> dict:
-    """The split for sharded weights (which must be gathered, a collective, before any work on
-    them): units dealt as :func:`deal` does, in rounds of one unit per rank. In each round every
-    rank gathers the round's layers in model order (``gather(name)`` returns the whole weight),
-    keeps its own unit's, computes ``work({name: weight})`` for it, and the round's results are
-    broadcast. A rank holds one unit's gathered weights at a time."""
+def broadcast_shapes(results: dict, owner: dict[str, int], names: list[str]) -> dict:
+    """Every layer's result on its owner; the other ranks receive its shapes only (``meta`` tensors)."""
     import torch.distributed as dist
 
+    rank = dist.get_rank()
+    out = {}
+    for name in names:
+        box = [_moved(results[name], "meta") if owner[name] == rank else None]
+        dist.broadcast_object_list(box, src=owner[name])
+        out[name] = results[name] if owner[name] == rank else box[0]
+    return out
+
+
+def compute_in_rounds(units: list[list[str]], owner: dict[str, int] | None, gather, work, device,
+                      keep_on_owner: bool = False) -> dict:
+    """The split for sharded weights (which must be gathered, a collective, before any work on
+    them): units owned as ``owner`` says (``None``: dealt as :func:`deal` does), in rounds of at
+    most one unit per rank. In each round every rank gathers the round's layers in model order
+    (``gather(name)`` returns the whole weight), keeps its own unit's, computes ``work({name:
+    weight})`` for it, and the round's results are broadcast (``keep_on_owner``: each stays on its
+    owner, the others get its shapes, see :func:`broadcast_shapes`). A rank holds one unit's
+    gathered weights at a time."""
+    import torch.distributed as dist
+
+    from .owners import rounds
+
     rank, world = dist.get_rank(), dist.get_world_size()
+    owner = deal(units, world) if owner is None else owner
     results = {}
-    for start in range(0, len(units), world):
-        owner = deal(units[start:start + world], world)  # start is a multiple of world: the same owners
+    for round_units in rounds(units, owner, world):
+        names = [name for unit in round_units for name in unit]
         mine = {}
-        for name in owner:
+        for name in names:
             weight = gather(name)
             if owner[name] == rank:
                 mine[name] = weight
             del weight
         round_results = compute_share(functools.partial(work, mine), owner, rank)
         del mine
-        results.update(broadcast_results(round_results, owner, list(owner), device))
+        results.update(broadcast_shapes(round_results, owner, names) if keep_on_owner
+                       else broadcast_results(round_results, owner, names, device))
     return results

@@ -91,7 +91,8 @@ def collect(plan: Plan, group: list[str], prepared: dict, passes: list) -> KFACS
     else:
         stats = run_calibration_pass(plan.model, plan.loader, requests, plan.calibration, plan.resources,
                                      loss_weighting=method.loss_weighting, fingerprint=False,
-                                     forward_module=plan.forward_module)  # used here and dropped: nothing to check
+                                     forward_module=plan.forward_module,  # used here and dropped: nothing to check
+                                     owners=plan.owners)
         passes.append(stats.data_fingerprint)
         if passes[-1] != passes[0]:
             raise ValueError(
@@ -131,7 +132,7 @@ def nbytes(value) -> int:
     if value is None:
         return 0
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+        return 0 if value.is_meta else value.numel() * value.element_size()  # meta: another rank's (owners)
     if hasattr(value, "nbytes") and callable(value.nbytes):
         return value.nbytes()
     if hasattr(value, "tensors"):

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..distributed.owners import move_units_to_owners
 from ..distributed.sharded import GatheredWeights
 from ..distributed.split_work import broadcast_results, compute_in_rounds, compute_share, deal
 from .plan import Plan
@@ -131,16 +132,28 @@ class Sharded(Local):
 
 class ShardedSplit(Sharded):
     """Sharded weights, work dealt across ranks in rounds: in each round every rank gathers the
-    layer it computes (:func:`compute_in_rounds`)."""
+    layer it computes (:func:`compute_in_rounds`). With the plan's ``owners`` (a calibration pass),
+    each layer's basis stays on its owner (the others hold its shape), the pass sums its statistics
+    there, and its owner initialises it (:mod:`fisher_kernels.distributed.owners`)."""
+
+    def __init__(self, plan: Plan):
+        super().__init__(plan)
+        self.owners, self.rank = plan.owners, plan.rank
 
     def prepare(self, group: list[str]) -> dict:
         if not self.method.prepares:
             return {n: None for n in group}
-        return compute_in_rounds([[n] for n in group], self.gathered.__getitem__,
-                                 functools.partial(_prepared_share, self.method), self.device)
+        return compute_in_rounds([[n] for n in group], self.owners, self.gathered.__getitem__,
+                                 functools.partial(_prepared_share, self.method), self.device,
+                                 keep_on_owner=self.owners is not None)
 
     def solve(self, group: list[str], stats, prepared: dict) -> dict:
-        return compute_in_rounds(solve_units(group, stats), self.gathered.__getitem__,
+        units = solve_units(group, stats)
+        owner = None
+        if self.owners is not None and not self.statistics_given:
+            owner = dict(self.owners)
+            move_units_to_owners(units, owner, stats, prepared, self.rank)
+        return compute_in_rounds(units, owner, self.gathered.__getitem__,
                                  functools.partial(_initialized_share, self.method, stats, prepared,
                                                    self.statistics_given), self.device)
 

@@ -26,6 +26,7 @@ from ..methods import METHODS
 from ..options import method_and_options
 from ..settings import Calibration, Resources, misplaced_keyword_hint, positive_int
 from ..distributed.sharded import count_nonfinite, sharding_of
+from ..distributed.owners import owners_by_bytes
 from ..distributed.split_work import rank_and_world
 from ..statistics import KFACStatistics
 from ..statistics.batches import as_batches, first_tensor
@@ -59,6 +60,7 @@ class Plan:
     split: bool = False
     forward_module: nn.Module | None = None
     base_weights: CheckpointWeights | None = None  # a quantized model's full-precision weights, read per layer
+    owners: dict[str, int] | None = None  # {layer: rank} holding its statistics and basis (a sharded split pass)
     report: InitReport = field(default=None)
 
     @property
@@ -167,6 +169,8 @@ def make_plan(model: nn.Module, loader, *, method, r: int, scale: float, target_
     plan.rank, plan.world = rank_and_world() if resources.distributed is not False else (0, 1)
     plan.split = plan.world > 1 and init_method.splittable  # each rank computes its share of the layers
     report.split_ranks = plan.world if plan.split else 1
+    if plan.split and sharding and plan.needs_pass:  # statistics and bases held by one owner per layer
+        plan.owners = owners_by_bytes(memory.layer_held_bytes(model, init_method, names), plan.world)
     if resources.progress:  # what is about to happen, before the first stage
         tqdm.write(summary_line(plan), file=sys.stderr)
     return plan

@@ -92,9 +92,13 @@ def collect_statistics(
 
 def run_calibration_pass(model: nn.Module, loader, requests: dict[str, StatisticsRequest], calibration: Calibration,
                          resources: Resources, *, loss_weighting: str = "token", fingerprint: bool = True,
-                         forward_module: nn.Module | None = None) -> KFACStatistics:
+                         forward_module: nn.Module | None = None, owners: dict[str, int] | None = None
+                         ) -> KFACStatistics:
     """:func:`collect_statistics` with its settings grouped; ``forward_module`` is what the pass calls
-    when it is not ``model`` (a sharded ``PeftModel`` around ``model``: FSDP's root runs the forward)."""
+    when it is not ``model`` (a sharded ``PeftModel`` around ``model``: FSDP's root runs the forward).
+    ``owners`` (``{layer: rank}``, a sharded model in a process group): each layer's statistics are
+    summed on its owner only; the other ranks' entries hold counts and sharing, no tensor (see
+    :mod:`fisher_kernels.distributed.owners`)."""
     loss_fn, token_mask, fisher = calibration.loss_fn, calibration.token_mask, calibration.fisher
     num_batches = calibration.num_batches
     micro_batch_size = None if calibration.micro_batch_size == "auto" else calibration.micro_batch_size  # planned by init
@@ -130,7 +134,13 @@ def run_calibration_pass(model: nn.Module, loader, requests: dict[str, Statistic
     if total is None and hasattr(loader, "__len__"):
         total = len(loader)
     with PreservedModelState(model) as guard, torch.enable_grad():
-        hooks = StatisticsHooks(model, requests, ops, device)
+        distributed = in_process_group() if distributed is None else bool(distributed) and in_process_group()
+        if owners is not None and not distributed:
+            raise ValueError("owners: the statistics of a layer are kept by one rank of a process group; there is none")
+        hooks = StatisticsHooks(model, requests, ops, device, owners=owners,
+                                rank=torch.distributed.get_rank() if owners is not None else 0)
+        if owners is not None and not hooks.sharded:
+            raise ValueError("owners: only a sharded model's pass keeps its ranks in step, as owners need")
         hooks.register(guard)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -138,7 +148,6 @@ def run_calibration_pass(model: nn.Module, loader, requests: dict[str, Statistic
         keep_gradients_flowing_(model)  # bitsandbytes 4-bit layers on the CPU
         bar = tqdm(batches, total=total, desc="fisher_kernels: calibration", unit="batch", disable=not progress)
         batch_iter = iter(bar)
-        distributed = in_process_group() if distributed is None else bool(distributed) and in_process_group()
         try:
             first_batch = _run_pass(batch_iter, hooks, stats, model, forward_module or model, device, prepare_options,
                                     loss_fn, fisher,
@@ -157,7 +166,14 @@ def run_calibration_pass(model: nn.Module, loader, requests: dict[str, Statistic
                 [stats.num_batches, stats.num_sequences, stats.loss_units])
         if stats.num_batches == 0:
             raise ValueError("the calibration loader yielded no batch")
-        stats.layers = hooks.finalize(stats.loss_units, per_token=loss_weighting == "token" or loss_fn is not None)
+        if owners is None:
+            stats.layers = hooks.finalize(stats.loss_units, per_token=loss_weighting == "token" or loss_fn is not None)
+        else:  # a check fails on the layer's owner only: every rank raises
+            from ..distributed.split_work import compute_share
+
+            stats.layers = compute_share(lambda: hooks.finalize(
+                stats.loss_units, per_token=loss_weighting == "token" or loss_fn is not None), owners,
+                torch.distributed.get_rank())
     stats.fingerprint = model_fingerprint(model, list(stats.layers)) if fingerprint else None
     return stats
 

@@ -34,7 +34,8 @@ class SingularBasis:
         return self.vectors.shape[1]
 
     def nbytes(self) -> int:
-        return self.vectors.numel() * self.vectors.element_size() + self.values.numel() * self.values.element_size()
+        """Bytes held here (0 for another rank's basis, whose shapes alone are on ``meta``)."""
+        return sum(0 if t.is_meta else t.numel() * t.element_size() for t in (self.vectors, self.values))
 
     def floored_values(self) -> torch.Tensor:
         """S with every value raised to at least σ_max · eps(fp32), for dividing by: the other side
@@ -121,6 +122,11 @@ class LayerStatistics:
                  "input_projected_energy", "output_projected_energy")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
+    def without_tensors(self) -> "LayerStatistics":
+        """The counts and the sharing, no tensor: what a rank that does not own the layer keeps
+        (see :mod:`fisher_kernels.distributed.owners`)."""
+        return LayerStatistics(num_tokens=self.num_tokens, input_factor_shared_with=self.input_factor_shared_with)
+
 
 @dataclass
 class KFACStatistics:
@@ -160,7 +166,7 @@ class KFACStatistics:
         seen, total = set(), 0
         for layer in self.layers.values():
             for t in layer.tensors().values():
-                if id(t) not in seen:
+                if id(t) not in seen and not t.is_meta:
                     seen.add(id(t))
                     total += t.numel() * t.element_size()
         return total

@@ -45,15 +45,15 @@ class LayerAccumulator:
         self.output_factor = zeros(d_out, d_out) if request.output_factor else None
         self.output_factor_diag = zeros(d_out) if request.output_factor_diag else None
         self.gradient = zeros(d_out, d_in) if request.gradient else None
-        self.input_basis = None if request.input_basis is None else request.input_basis.to(device, torch.float32)
-        self.output_basis = None if request.output_basis is None else request.output_basis.to(device, torch.float32)
+        self.input_basis = None if request.input_basis is None else _on(request.input_basis, device, torch.float32)
+        self.output_basis = None if request.output_basis is None else _on(request.output_basis, device, torch.float32)
         singular = request.singular_basis
         self.singular_side = None if singular is None else singular.side
         if singular is not None:  # kept in its own (possibly compact) dtype; widened per batch
-            vectors = singular.vectors.to(device)
+            vectors = _on(singular.vectors, device)
             self.input_basis = vectors if singular.side == "input" else None
             self.output_basis = vectors if singular.side == "output" else None
-            self.singular_values = singular.floored_values().to(device, torch.float32)
+            self.singular_values = _on(singular.floored_values(), device, torch.float32)
         energy_sizes = (request.input_energy_size, request.output_energy_size)
         self.input_projected_energy = None if energy_sizes[0] is None else zeros(energy_sizes[0])
         self.output_projected_energy = None if energy_sizes[1] is None else zeros(energy_sizes[1])
@@ -99,6 +99,14 @@ class LayerAccumulator:
         """``Σ (wᵀ z)²`` with ``w`` the other side's unnormalised vector (``W v`` or ``Wᵀ u``)
         becomes the energy of the unit vector ``w / σ`` (σ floored, see ``SingularBasis.floored_values``)."""
         energy.div_(self.singular_values.square())
+
+
+def _on(tensor: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    """``tensor`` on ``device``; a ``meta`` tensor (another rank's basis) or a ``meta`` device keeps
+    only the shape."""
+    if tensor.is_meta or torch.device(device).type == "meta":
+        return torch.empty(tensor.shape, dtype=dtype or tensor.dtype, device="meta")
+    return tensor.to(device, dtype) if dtype is not None else tensor.to(device)
 
 
 class _InputGradientTap(torch.autograd.Function):
@@ -156,13 +164,22 @@ def token_side(name: str) -> str:
 
 
 class StatisticsHooks:
-    def __init__(self, model: nn.Module, requests: dict[str, StatisticsRequest], ops, device):
+    """The pass's hooks and every layer's accumulator. ``owners`` (``{layer: rank}``, a sharded
+    model's split pass): each layer's accumulators and bases live on its owner only, the others
+    holding their shapes on ``meta``; the kernels go through
+    :class:`~fisher_kernels.distributed.owners.OwnerOps`, and every rank runs every hook, a repeated
+    micro-batch with a zero mask (see :mod:`fisher_kernels.distributed.owners`)."""
+
+    def __init__(self, model: nn.Module, requests: dict[str, StatisticsRequest], ops, device,
+                 owners: dict[str, int] | None = None, rank: int = 0):
         modules = dict(model.named_modules())
         unknown = [name for name in requests if name not in modules]
         if unknown:
             raise ValueError(f"requests name layers the model does not have: {unknown[:5]}")
-        self.ops = ops
-        self.layers = {name: LayerAccumulator(name, modules[name], req, device) for name, req in requests.items()}
+        self.owners, self.rank = owners, rank
+        self.layers = {name: LayerAccumulator(name, modules[name], req, device if self.owns(name) else "meta")
+                       for name, req in requests.items()}
+        self.ops = ops if owners is None else self._owner_ops(ops)
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             for name, layer in self.layers.items():
                 layer.side = token_side(name)
@@ -179,6 +196,22 @@ class StatisticsHooks:
         self.defer_errors = False  # set for a lockstep pass, see _guarded
         self.deferred: Exception | None = None
 
+    def owns(self, name: str) -> bool:
+        """Whether this rank holds the layer's accumulators (every layer, unless ``owners`` says otherwise)."""
+        return self.owners is None or self.owners[name] == self.rank
+
+    def _owner_ops(self, ops):
+        from ..distributed.owners import OwnerOps
+
+        owner_of = {}
+        for name, layer in self.layers.items():
+            for t in (layer.input_factor, layer.output_factor, layer.output_factor_diag, layer.gradient,
+                      layer.input_projected_energy, layer.output_projected_energy, layer.input_basis,
+                      layer.output_basis):
+                if t is not None:
+                    owner_of[id(t)] = self.owners[name]
+        return OwnerOps(ops, self.rank, lambda t: owner_of[id(t)], lambda: self.deferred is not None)
+
     def register(self, guard: PreservedModelState) -> None:
         for layer in self.layers.values():
             if layer.singular_side == "input" and not layer.request.input_factor:
@@ -193,14 +226,14 @@ class StatisticsHooks:
         waiting in a gather), else raised at once. After an error the hooks do nothing until it
         has been taken."""
         def run(*args):
-            if self.deferred is not None:
+            if self.deferred is not None and self.owners is None:
                 return None
             try:
                 return hook(*args)
             except Exception as err:
                 if not self.defer_errors:
                     raise
-                self.deferred = err
+                self.deferred = self.deferred or err  # with owners, the hooks go on taking part
                 return None
 
         return run
@@ -215,9 +248,10 @@ class StatisticsHooks:
         without a gradient (the first layers of a frozen model) are left alone; the gradient hook
         then computes ``Wᵀ g`` itself."""
         def hook(module, args):
-            if self.paused or self.repeating or not args or not torch.is_grad_enabled() or not args[0].requires_grad:
+            if (self.paused or (self.repeating and self.owners is None) or not args or not torch.is_grad_enabled()
+                    or not args[0].requires_grad):
                 return None
-            mask, _ = self._row_mask(layer, args[0])
+            mask = self._repeat_mask(args[0]) if self.repeating else self._row_mask(layer, args[0])[0]
 
             @self._guarded
             def receive(grad):
@@ -249,6 +283,10 @@ class StatisticsHooks:
         if key not in self._float_masks:
             self._float_masks[key] = mask.reshape(-1).to(torch.float32)
         return self._float_masks[key]
+
+    def _repeat_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """All-zero fp32 row mask of ``x`` (a repeated micro-batch that must count nothing)."""
+        return torch.zeros(math.prod(x.shape[:-1]), dtype=torch.float32, device=x.device)
 
     def read_token_counts(self, counts: list[int]) -> None:
         """Every layer's counted tokens from the deferred counts read at the end of the pass."""
@@ -303,18 +341,21 @@ class StatisticsHooks:
         def hook(module, args, output):
             if self.paused:
                 return
-            if self.repeating:  # the backward must run through the same blocks (FSDP gathers in each)
-                if layer.request.needs_output_gradient and not output.requires_grad:
+            if self.repeating and self.owners is None:  # the backward must run through the same blocks (FSDP
+                if layer.request.needs_output_gradient and not output.requires_grad:  # gathers in each)
                     output.requires_grad_(True)
                 return
-            layer.calls += 1
             x = args[0].detach()
-            mask, counted = self._row_mask(layer, x)
             rows = x.reshape(-1, layer.d_in)
-            if mask is None:
-                layer.num_tokens += counted  # every row
+            if self.repeating:  # with owners: every collective of a counted forward, every row masked out
+                mask = self._repeat_mask(x)
             else:
-                layer.counted_refs.append(counted)  # the mask's deferred count
+                layer.calls += 1
+                mask, counted = self._row_mask(layer, x)
+                if mask is None:
+                    layer.num_tokens += counted  # every row
+                else:
+                    layer.counted_refs.append(counted)  # the mask's deferred count
             req = layer.request
             if req.input_factor and self._owns_input_factor(layer, args[0]):
                 self.ops.masked_syrk_(layer.input_factor, rows, mask)
@@ -375,12 +416,14 @@ class StatisticsHooks:
 
     def all_reduce(self, counters: list[int]) -> list[int]:
         """Sum every accumulator, every layer's token count and ``counters`` over the ranks of
-        the default ``torch.distributed`` group (once, at the end of the pass)."""
+        the default ``torch.distributed`` group (once, at the end of the pass; with ``owners`` the
+        accumulators were summed on their owners batch by batch, so only the counts are)."""
         import torch.distributed as dist
 
-        accumulators = self._distinct_accumulators()
-        for t in accumulators:
-            dist.all_reduce(t)
+        accumulators = [t for t in self._distinct_accumulators() if not t.is_meta]
+        if self.owners is None:
+            for t in accumulators:
+                dist.all_reduce(t)
         device = accumulators[0].device if accumulators else torch.device("cpu")
         layers = list(self.layers.values())
         counts = torch.tensor([layer.num_tokens for layer in layers] + [layer.calls for layer in layers] + counters,
@@ -406,6 +449,9 @@ class StatisticsHooks:
         gradient_units = None if per_token else loss_units
         out, normalised, symmetrised = {}, {}, set()
         for name, layer in self.layers.items():
+            if not self.owns(name):  # another rank's layer: its counts and sharing only
+                out[name] = LayerStatistics(num_tokens=layer.num_tokens, input_factor_shared_with=layer.shared_with)
+                continue
             n = float(layer.num_tokens)
             if layer.request.needs_output_gradient and not any(
                     t is not None and bool(t.any()) for t in (layer.output_factor, layer.output_factor_diag,
@@ -418,7 +464,7 @@ class StatisticsHooks:
                 layer.divide_by_singular_values_squared(layer.input_projected_energy)
 
             def mean(t):
-                if t is None:
+                if t is None or t.is_meta:  # meta: a factor shared with another owner's layer, joined later
                     return None
                 if id(t) not in normalised:  # shared input factors are divided once
                     normalised[id(t)] = t.div_(n)
