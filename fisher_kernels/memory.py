@@ -45,7 +45,7 @@ RUNTIME_BYTES = 16 * 2**20  # first-use buffers of the BLAS/LAPACK and autograd 
 
 def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size: int = 8, seq_len: int = 512,
                     target_modules=None, model_resident: bool = True, rank_is_a_cap: bool = False,
-                    quantization: str | None = None, device_bytes: int | None = None,
+                    quantization: str | None = None, device_bytes: int | None = None, world_size: int = 1,
                     **method_options) -> MemoryEstimate:
     """Predict the peak memory of ``init_lora(model, loader, method=..., r=...)`` for calibration
     batches of ``batch_size × seq_len`` tokens, without running it.
@@ -71,6 +71,16 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
     that size (``max_stats_memory`` and ``micro_batch_size`` ``"auto"``: the fewest calibration
     passes, then the largest micro-batches, that fit; see :func:`plan_memory`); the plan is in
     ``estimate.plan``. ``MemoryError`` when nothing fits.
+
+    ``world_size``: the peak of one rank of a model sharded with FSDP2 over that many ranks
+    (``fully_shard`` on every block of the model's layer list and on the root), each rank with its own
+    batches of ``batch_size × seq_len``: its shard of the model, the parameters outside the blocks
+    whole (FSDP2 keeps the root's gathered through the pass) and two blocks gathered (the running one
+    and the one prefetched); the statistics and bases of the layers it owns (dealt by bytes, as
+    ``init_lora`` deals them, see :mod:`fisher_kernels.distributed.owners`); in the pass, one
+    layer's update and basis received from or sent to another rank; afterwards one unit's gathered
+    weights. With ``device_bytes``, the plan keeps one pass and picks micro-batches (the per-rank
+    statistics are not split into passes). Stages then hold ``gathered`` too.
     """
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be a positive integer, got {r!r}")
@@ -118,24 +128,90 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
         temporaries = max(temporaries, layer_temporaries, update)
     stages = {"model": model_bytes, "activations": activations, "statistics": statistics, "bases": bases,
               "temporaries": temporaries, "runtime": RUNTIME_BYTES}
-    peak = (model_bytes if model_resident else 0) + bases + statistics + max(activations, temporaries) + RUNTIME_BYTES
-    estimate = MemoryEstimate(peak_bytes=int(peak), stages=stages, method=init_method.name, num_layers=len(names))
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if world_size > 1:
+        stages = _sharded_stages(model, init_method, names, stages, shares_input, world_size)
+    estimate = MemoryEstimate(peak_bytes=_peak(stages, model_resident), stages=stages, method=init_method.name,
+                              num_layers=len(names))
     if device_bytes is None or not init_method.needs_data:
         return estimate
     planned = plan_memory(model, init_method, names, batch_size=batch_size, seq_len=seq_len,
-                          free_bytes=int(device_bytes) - model_bytes, source=f"a {device_bytes / 2**30:.0f} GiB device",
-                          rank_is_a_cap=rank_is_a_cap, quantization=quantization)
+                          free_bytes=int(device_bytes) - estimate.stages["model"],
+                          source=f"a {device_bytes / 2**30:.0f} GiB device", rank_is_a_cap=rank_is_a_cap,
+                          quantization=quantization, world_size=world_size)
     if planned.micro_batch_size is not None:
         estimate = estimate_memory(model, method=init_method, r=r, batch_size=planned.micro_batch_size,
                                    seq_len=seq_len, target_modules=names, model_resident=model_resident,
-                                   rank_is_a_cap=rank_is_a_cap, quantization=quantization)
+                                   rank_is_a_cap=rank_is_a_cap, quantization=quantization, world_size=world_size)
     stages = dict(estimate.stages)
-    if planned.budget is not None:  # one group's statistics and bases at a time
+    if planned.budget is not None and world_size > 1:  # this rank's share of the largest group
+        share = sharded_groups(layer_held_bytes(model, init_method, names), world_size, planned.budget)[2]
+        stages["statistics"] = max(0, min(share, stages["statistics"] + stages["bases"]) - stages["bases"])
+    elif planned.budget is not None:  # one group's statistics and bases at a time
         stages["statistics"] = max(0, min(planned.budget, stages["statistics"] + stages["bases"]) - stages["bases"])
-    peak = ((stages["model"] if model_resident else 0) + stages["bases"] + stages["statistics"]
-            + max(stages["activations"], stages["temporaries"]) + stages["runtime"])
-    return MemoryEstimate(peak_bytes=int(peak), stages=stages, method=init_method.name, num_layers=len(names),
-                          plan=planned)
+    return MemoryEstimate(peak_bytes=_peak(stages, model_resident), stages=stages, method=init_method.name,
+                          num_layers=len(names), plan=planned)
+
+
+def _peak(stages: dict, model_resident: bool = True) -> int:
+    """The peak of the stages: model (and gathered weights) + bases + statistics + runtime + the
+    larger of activations and temporaries."""
+    return int((stages["model"] if model_resident else 0) + stages.get("gathered", 0) + stages["bases"]
+               + stages["statistics"] + max(stages["activations"], stages["temporaries"]) + stages["runtime"])
+
+
+def _sharded_stages(model: nn.Module, method, names: list[str], stages: dict, shares_input: set[str],
+                    world: int) -> dict:
+    """One FSDP2 rank's stages (see :func:`estimate_memory`'s ``world_size``) from one process's."""
+    from .distributed.owners import owners_by_bytes
+
+    def nbytes(module):
+        return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+    blocks = _block_list(model, names)
+    in_blocks = sum(nbytes(b) for b in blocks)
+    largest_block = max((nbytes(b) for b in blocks), default=0)
+    out = dict(stages, model=stages["model"] // world, gathered=(stages["model"] - in_blocks) + 2 * largest_block)
+    if not method.needs_data:
+        out["temporaries"] = stages["temporaries"] + max(_weight_bytes(model, n) for n in names)
+        return out
+    held = layer_held_bytes(model, method, names)
+    owner = owners_by_bytes(held, world)
+    statistics, bases = [0] * world, [0] * world
+    for name in names:
+        d_out, d_in = layer_dims(model.get_submodule(name))
+        dtype = weight_dtype(model.get_submodule(name))
+        basis = method.basis_bytes(d_out, d_in, dtype)
+        own = held[name] - basis
+        if name in shares_input and method.shares_input_factor:
+            own -= 4 * d_in * d_in
+        statistics[owner[name]] += own
+        bases[owner[name]] += basis
+    rank = max(range(world), key=lambda r: statistics[r] + bases[r])
+    out["statistics"], out["bases"] = statistics[rank], bases[rank]
+    out["activations"] = stages["activations"] + max(held.values())  # an update for (or a basis from) another rank
+    unit, widest = 0, 0
+    for name in names:  # the gathered weights of the largest unit (layers sharing an input are solved together)
+        unit = (unit if name in shares_input and method.shares_input_factor else 0) + _weight_bytes(model, name)
+        widest = max(widest, unit)
+    out["temporaries"] = stages["temporaries"] + widest
+    return out
+
+
+def _weight_bytes(model: nn.Module, name: str) -> int:
+    weight = model.get_submodule(name).weight
+    return weight.numel() * weight.element_size()
+
+
+def _block_list(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The model's blocks: the longest ``ModuleList`` holding target layers (empty: none)."""
+    best: list[nn.Module] = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best) and any(
+                n.startswith(f"{prefix}.") for n in names):
+            best = list(module)
+    return best
 
 
 def packed_bytes(d_out: int, d_in: int, quantization: str) -> int:
@@ -248,24 +324,33 @@ def micro_batch_candidates(batch_size: int) -> list[int]:
 
 def plan_memory(model: nn.Module, method: InitMethod, names: list[str], *, batch_size: int, seq_len: int,
                 free_bytes: int, source: str, max_stats_memory="auto", micro_batch_size="auto",
-                can_repeat: bool = True, rank_is_a_cap: bool = False, quantization: str | None = None) -> MemoryPlan:
+                can_repeat: bool = True, rank_is_a_cap: bool = False, quantization: str | None = None,
+                world_size: int = 1) -> MemoryPlan:
     """The fewest calibration passes, then the largest micro-batches, whose estimated peak fits
     ``PLAN_MARGIN`` of ``free_bytes`` (the model already resident). ``max_stats_memory`` /
     ``micro_batch_size``: ``"auto"`` (planned), a number (kept) or ``None`` (one pass / whole
     batches). ``can_repeat=False`` (a loader that is a generator): one pass only. ``quantization``: as
-    :func:`estimate_memory`'s, for a meta model estimated as if quantized. Raises
-    ``MemoryError`` when even the smallest plan does not fit and nothing was fixed by the caller."""
+    :func:`estimate_memory`'s, for a meta model estimated as if quantized. ``world_size`` > 1: one
+    rank of an FSDP2 model (``free_bytes`` left by its shard), which holds in each pass the layers
+    it owns of that pass's group (:func:`sharded_groups`). Raises ``MemoryError`` when even the
+    smallest plan does not fit and nothing was fixed by the caller."""
     room_total = int(PLAN_MARGIN * free_bytes)
     held = layer_held_bytes(model, method, names)
     total, largest = sum(held.values()), max(held.values(), default=0)
+    if world_size > 1:  # a rank holds the layers it owns in each pass: plan in per-rank bytes
+        return _plan_sharded(model, method, names, held, batch_size=batch_size, seq_len=seq_len,
+                             free_bytes=free_bytes, source=source, max_stats_memory=max_stats_memory,
+                             micro_batch_size=micro_batch_size, can_repeat=can_repeat, rank_is_a_cap=rank_is_a_cap,
+                             quantization=quantization, world_size=world_size)
     micro_options = micro_batch_candidates(batch_size) if micro_batch_size == "auto" else [micro_batch_size or batch_size]
     best = None  # (passes, -micro, micro, budget, peak)
     smallest_need = None
     for micro in micro_options:
         estimate = estimate_memory(model, method=method, r=method.r, batch_size=micro, seq_len=seq_len,
                                    target_modules=names, model_resident=False, rank_is_a_cap=rank_is_a_cap,
-                                   quantization=quantization)
-        others = max(estimate.stages["activations"], estimate.stages["temporaries"]) + estimate.stages["runtime"]
+                                   quantization=quantization, world_size=world_size)
+        others = (max(estimate.stages["activations"], estimate.stages["temporaries"]) + estimate.stages["runtime"]
+                  + estimate.stages.get("gathered", 0))
         room = room_total - others
         smallest_need = others + largest if smallest_need is None else min(smallest_need, others + largest)
         if max_stats_memory == "auto":
@@ -302,6 +387,68 @@ def plan_memory(model: nn.Module, method: InitMethod, names: list[str], *, batch
     why = (f"{free_bytes / 2**30:.2f} GiB free ({source}), {PLAN_MARGIN:.0%} planned: "
            f"{'whole batches' if micro_out is None else f'micro-batches of {micro}'}, {passes} calibration "
            f"pass{'es' if passes > 1 else ''}, estimated peak {peak / 2**30:.2f} GiB above the loaded model")
+    return MemoryPlan(micro_batch_size=micro_out, budget=budget, peak_bytes=int(peak), reason=why)
+
+
+def sharded_groups(held: dict[str, int], world: int, budget: int | None) -> tuple[list[list[str]], dict[str, int], int]:
+    """The calibration groups of a sharded model's pass and the owner of each layer: consecutive
+    groups whose largest per-rank share (each group's layers dealt by bytes,
+    :func:`~fisher_kernels.distributed.owners.owners_by_bytes`) fits ``budget`` bytes per rank
+    (``None``: one group). Returns ``(groups, owners, largest share)``."""
+    from .distributed.owners import owners_by_bytes
+
+    def dealt(groups):
+        owners, share = {}, 0
+        for group in groups:
+            owner = owners_by_bytes({n: held[n] for n in group}, world)
+            owners.update(owner)
+            share = max([share] + [sum(held[n] for n in group if owner[n] == r) for r in range(world)])
+        return owners, share
+
+    groups = [list(held)]
+    owners, share = dealt(groups)
+    total_budget = None if budget is None else budget * world
+    while budget is not None and share > budget and total_budget >= max(held.values(), default=0):
+        groups = consecutive_groups(held, total_budget)
+        owners, share = dealt(groups)
+        total_budget = int(total_budget * 0.9)
+    return groups, owners, share
+
+
+def _plan_sharded(model, method, names, held, *, batch_size, seq_len, free_bytes, source, max_stats_memory,
+                  micro_batch_size, can_repeat, rank_is_a_cap, quantization, world_size) -> MemoryPlan:
+    """:func:`plan_memory` for one rank of an FSDP2 model: budgets are per rank."""
+    room_total = int(PLAN_MARGIN * free_bytes)
+    micro_options = micro_batch_candidates(batch_size) if micro_batch_size == "auto" else [micro_batch_size or batch_size]
+    best, smallest_need = None, None
+    for micro in micro_options:
+        estimate = estimate_memory(model, method=method, r=method.r, batch_size=micro, seq_len=seq_len,
+                                   target_modules=names, model_resident=False, rank_is_a_cap=rank_is_a_cap,
+                                   quantization=quantization, world_size=world_size)
+        stages = estimate.stages
+        others = max(stages["activations"], stages["temporaries"]) + stages["runtime"] + stages["gathered"]
+        room = room_total - others
+        fixed = None if max_stats_memory in ("auto", None) else int(max_stats_memory)
+        budget = fixed if fixed is not None else (None if max_stats_memory is None else room)
+        groups, _, share = sharded_groups(held, world_size, budget)
+        smallest_need = others + share if smallest_need is None else min(smallest_need, others + share)
+        if share > room or (len(groups) > 1 and not can_repeat):
+            continue
+        key = (len(groups), -micro)
+        if best is None or key < best[0]:
+            best = (key, micro, budget if len(groups) > 1 else fixed, others + share, len(groups))
+        if len(groups) == 1:
+            break
+    if best is None:
+        raise MemoryError(f"the calibration pass does not fit: {source} reports {free_bytes / 2**30:.2f} GiB free "
+                          f"on each of {world_size} ranks, and the smallest plan is estimated at "
+                          f"{smallest_need / 2**30:.2f} GiB (plans use {PLAN_MARGIN:.0%}); use shorter sequences, "
+                          "or more ranks")
+    _, micro, budget, peak, passes = best
+    micro_out = None if micro == batch_size else micro
+    why = (f"{free_bytes / 2**30:.2f} GiB free per rank ({source}, {world_size} ranks), {PLAN_MARGIN:.0%} planned: "
+           f"{'whole batches' if micro_out is None else f'micro-batches of {micro}'}, {passes} calibration "
+           f"pass{'es' if passes > 1 else ''}, estimated peak {peak / 2**30:.2f} GiB per rank above its shard")
     return MemoryPlan(micro_batch_size=micro_out, budget=budget, peak_bytes=int(peak), reason=why)
 
 

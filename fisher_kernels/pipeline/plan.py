@@ -26,7 +26,6 @@ from ..methods import METHODS
 from ..options import method_and_options
 from ..settings import Calibration, Resources, misplaced_keyword_hint, positive_int
 from ..distributed.sharded import count_nonfinite, sharding_of
-from ..distributed.owners import owners_by_bytes
 from ..distributed.split_work import rank_and_world
 from ..statistics import KFACStatistics
 from ..statistics.batches import as_batches, first_tensor
@@ -151,26 +150,31 @@ def make_plan(model: nn.Module, loader, *, method, r: int, scale: float, target_
     plan = Plan(model=model, method=init_method, names=names, weights=weights, groups=[names], calibration=calibration,
                 resources=resources, loader=loader, statistics=statistics, sharding=sharding,
                 forward_module=forward_module, base_weights=checkpoint, report=report)
-    if not init_method.needs_data:
-        report.memory_plan = "no calibration pass"
-    elif statistics is not None:
-        report.memory_plan = "statistics given: no calibration pass"
-    else:
-        budget = plan_memory_of(plan, rank_is_a_cap)
-        plan.groups = memory.plan_layer_groups(memory.layer_held_bytes(model, init_method, names), budget)
-        if len(plan.groups) > 1 and iter(loader) is loader:
-            raise ValueError(f"max_stats_memory={resources.max_stats_memory} needs {len(plan.groups)} passes over the "
-                             "data, so the loader must be re-iterable (a DataLoader or a list, not a generator)")
-        if "calibration pass" not in report.memory_plan:
-            report.memory_plan += f"; {len(plan.groups)} calibration pass{'es' if len(plan.groups) > 1 else ''}"
     if sharding and resources.distributed is False:
         raise ValueError(f"the model is sharded ({sharding}): every rank holds a part of each weight, so every rank "
                          "must take part; distributed=False is not possible")
     plan.rank, plan.world = rank_and_world() if resources.distributed is not False else (0, 1)
     plan.split = plan.world > 1 and init_method.splittable  # each rank computes its share of the layers
     report.split_ranks = plan.world if plan.split else 1
-    if plan.split and sharding and plan.needs_pass:  # statistics and bases held by one owner per layer
-        plan.owners = owners_by_bytes(memory.layer_held_bytes(model, init_method, names), plan.world)
+    if not init_method.needs_data:
+        report.memory_plan = "no calibration pass"
+    elif statistics is not None:
+        report.memory_plan = "statistics given: no calibration pass"
+    else:
+        budget = plan_memory_of(plan, rank_is_a_cap)
+        held = memory.layer_held_bytes(model, init_method, names)
+        if plan.split and sharding:  # statistics and bases held by one owner per layer, budgets per rank
+            if budget is not None and max(held.values()) > budget:
+                raise ValueError(f"a layer alone needs {max(held.values())} bytes of statistics, more than "
+                                 f"max_stats_memory={budget} (per rank)")
+            plan.groups, plan.owners, _ = memory.sharded_groups(held, plan.world, budget)
+        else:
+            plan.groups = memory.plan_layer_groups(held, budget)
+        if len(plan.groups) > 1 and iter(loader) is loader:
+            raise ValueError(f"max_stats_memory={resources.max_stats_memory} needs {len(plan.groups)} passes over the "
+                             "data, so the loader must be re-iterable (a DataLoader or a list, not a generator)")
+        if "calibration pass" not in report.memory_plan:
+            report.memory_plan += f"; {len(plan.groups)} calibration pass{'es' if len(plan.groups) > 1 else ''}"
     if resources.progress:  # what is about to happen, before the first stage
         tqdm.write(summary_line(plan), file=sys.stderr)
     return plan
@@ -194,25 +198,29 @@ def plan_memory_of(plan: Plan, rank_is_a_cap: bool) -> int | None:
     ``plan.calibration.micro_batch_size`` and ``report.memory_plan`` (what was planned and why)."""
     max_stats_memory = plan.resources.max_stats_memory
     micro_batch_size = plan.calibration.micro_batch_size
-    if plan.sharding:  # the estimate runs the model's forward on meta tensors, which a sharded model cannot
-        max_stats_memory = None if max_stats_memory == "auto" else max_stats_memory
-        micro_batch_size = None if micro_batch_size == "auto" else micro_batch_size
-        plan.calibration = dataclasses.replace(plan.calibration, micro_batch_size=micro_batch_size)
+    model, sharded_split = plan.model, bool(plan.sharding) and plan.split
+    if plan.sharding:  # the estimate runs the forward on meta tensors: a sharded model's meta twin from its config
+        model = meta_twin(plan.model) if sharded_split and plan.sharding == "fsdp2" else None
+        if model is None:
+            max_stats_memory = None if max_stats_memory == "auto" else max_stats_memory
+            micro_batch_size = None if micro_batch_size == "auto" else micro_batch_size
+            plan.calibration = dataclasses.replace(plan.calibration, micro_batch_size=micro_batch_size)
     if max_stats_memory != "auto" and micro_batch_size != "auto":
         plan.report.memory_plan = ("one calibration pass: no max_stats_memory given" if max_stats_memory is None else
-                                   f"max_stats_memory={int(max_stats_memory)} bytes, as given")
-        if plan.sharding:
-            plan.report.memory_plan += f" (a {plan.sharding} model is not planned: give the numbers)"
+                                   f"max_stats_memory={int(max_stats_memory)} bytes"
+                                   f"{' per rank' if sharded_split else ''}, as given")
+        if plan.sharding and model is None:
+            plan.report.memory_plan += (f" (a {plan.sharding} model without a Hugging Face config to rebuild on meta "
+                                        "is not planned: give the numbers)")
         return None if max_stats_memory is None else int(max_stats_memory)
-    model = plan.model
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = next((p.device for p in plan.model.parameters()), torch.device("cpu"))
     free, source = memory.available_memory(device)  # read here, so that a test can stand in for it
     batch_size, seq_len = batch_shape(plan.loader)
     try:
         planned = memory.plan_memory(model, plan.method, plan.names, batch_size=batch_size, seq_len=seq_len,
                                      free_bytes=free, source=source, max_stats_memory=max_stats_memory,
                                      micro_batch_size=micro_batch_size, can_repeat=iter(plan.loader) is not plan.loader,
-                                     rank_is_a_cap=rank_is_a_cap)
+                                     rank_is_a_cap=rank_is_a_cap, world_size=plan.world if sharded_split else 1)
     except MemoryError:
         raise
     except Exception as error:  # the estimate's forward on meta tensors takes input_ids alone: not every model does
@@ -228,6 +236,24 @@ def plan_memory_of(plan: Plan, rank_is_a_cap: bool) -> int | None:
     plan.report.options["micro_batch_size"] = planned.micro_batch_size
     plan.report.memory_plan = f"planned: {planned.reason}"
     return planned.budget
+
+
+def meta_twin(model: nn.Module) -> nn.Module | None:
+    """The model rebuilt on the ``meta`` device from its Hugging Face config, in its dtype (what the
+    memory estimate of a sharded model runs); ``None`` when it has no config or cannot be rebuilt."""
+    config = getattr(model, "config", None)
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next((c for c in type(model).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule)), None)
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    if config is None or cls is None or not hasattr(cls, "config_class"):
+        return None
+    try:
+        with torch.device("meta"):
+            twin = cls(config)
+    except Exception:  # a model class whose constructor takes more than its config
+        return None
+    return twin.to(dtype)
 
 
 def batch_shape(loader) -> tuple[int, int]:

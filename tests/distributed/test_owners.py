@@ -46,7 +46,25 @@ def _rank_main(rank, world_size, init_file, out_dir):
             report = model.fisher_kernels_report
             results[method] = {"held": report.stats_bytes + report.prepared_bytes,
                                "A": {n: whole(m.lora_A["default"].weight) for n, m in _lora_modules(model).items()}}
+        # per-rank budget of one layer's statistics: several passes, each group's layers dealt to owners
+        model = init_lora(_sharded(make_model("llama")), batches[rank::world_size], method="lora_da", r=3,
+                          progress=False, population_size=100, max_stats_memory=_largest_layer_bytes())
+        results["passes"] = {"plan": model.fisher_kernels_report.memory_plan,
+                             "A": {n: whole(m.lora_A["default"].weight) for n, m in _lora_modules(model).items()}}
+        model = init_lora(_sharded(make_model("llama")), batches[rank::world_size], r=3, progress=False)
+        results["default_plan"] = model.fisher_kernels_report.memory_plan
         torch.save(results, os.path.join(out_dir, f"owners{rank}.pt"))
+
+
+def _largest_layer_bytes():
+    from fisher_kernels.layers import resolve_target_modules
+    from fisher_kernels.memory import layer_held_bytes
+    from fisher_kernels.methods import METHODS as ALL
+    from tiny_models import make_model
+
+    model = make_model("llama")
+    return max(layer_held_bytes(model, ALL["lora_da"](3, 1.0, population_size=100),
+                                resolve_target_modules(model, None)).values())
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -68,13 +86,18 @@ def test_each_of_n_fsdp2_ranks_holds_about_1_over_n_of_the_statistics_and_the_sa
         assert sum(held) == one, (method, held, one)
         assert max(held) <= one / world + max(layers.values()), (method, held, one)
         assert max(held) < 0.75 * one if world == 2 else max(held) < 0.5 * one, (method, held, one)
+        cases = [method] + (["passes"] if method == "lora_da" else [])
         for name, module in _lora_modules(single).items():
             expected = module.lora_A["default"].weight.detach()
-            for rank in ranks:
-                got = rank[method]["A"][name]
+            for rank, case in ((rank, case) for rank in ranks for case in cases):
+                got = rank[case]["A"][name]
                 sign = torch.where((got * expected).sum(1) < 0, -1.0, 1.0)[:, None]
                 assert torch.allclose(got * sign, expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item()), (
                     method, name, world)
+    for rank in ranks:  # planned per rank: the default from the free memory, the budget as given
+        assert rank["default_plan"].startswith("planned: ") and f"{world} ranks" in rank["default_plan"], rank["default_plan"]
+        assert "per rank" in rank["passes"]["plan"] and " 1 calibration pass" not in rank["passes"]["plan"], (
+            rank["passes"]["plan"])
 
 
 def test_a_unit_of_layers_sharing_an_input_spans_owners_in_the_tiny_model():
