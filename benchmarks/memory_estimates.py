@@ -64,6 +64,15 @@ def main(argv=None):
                                            "reason": "" if p.plan is None else p.plan.reason}
                 except MemoryError as error:
                     row["planned_80gb"] = {"error": str(error)}
+            if name == "Llama-3-70B":  # one rank of 8 sharding the model with FSDP2, each with 80 GB
+                try:
+                    p = estimate_memory(model, method=method, r=args.r, batch_size=args.batch_size,
+                                        seq_len=args.seq_len, target_modules=TARGETS, device_bytes=80 * 10**9,
+                                        world_size=8)
+                    row["fsdp2_8x80gb"] = {"peak_bytes": p.peak_bytes, "stages": p.stages,
+                                           "reason": "" if p.plan is None else p.plan.reason}
+                except MemoryError as error:
+                    row["fsdp2_8x80gb"] = {"error": str(error)}
             rows.append(row)
     result = {"settings": {"batch_size": args.batch_size, "seq_len": args.seq_len, "r": args.r, "dtype": args.dtype},
               "rows": rows}
@@ -99,6 +108,23 @@ def table(result: dict) -> str:
                 continue
             plan = p["reason"].split("planned: ", 1)[-1].split(", estimated")[0] if p["reason"] else "no calibration pass"
             lines.append(f"| {row['method']} | {p['peak_bytes'] / 2**30:.1f} | {plan} |")
+    sharded = [row for row in result["rows"] if "fsdp2_8x80gb" in row]
+    if sharded:
+        lines += ["", "Llama-3-70B sharded with FSDP2 over 8 ranks of 80 GB (`fully_shard` on every block and the "
+                  "root), each rank with its own batches of the size above, default settings: per rank, its shard, "
+                  "the gathered weights (the root's and two blocks), the statistics and bases of the layers it owns, "
+                  "planned:", "",
+                  "| method | peak per rank (GiB) | shard | gathered | statistics + bases | plan |",
+                  "| --- | ---: | ---: | ---: | ---: | --- |"]
+        for row in sharded:
+            p = row["fsdp2_8x80gb"]
+            if "error" in p:
+                lines.append(f"| {row['method']} | – | | | | does not fit |")
+                continue
+            s = {k: v / 2**30 for k, v in p["stages"].items()}
+            plan = p["reason"].split("planned: ", 1)[-1].split(", estimated")[0] if p["reason"] else "no calibration pass"
+            lines.append(f"| {row['method']} | {p['peak_bytes'] / 2**30:.1f} | {s['model']:.1f} | {s['gathered']:.1f} | "
+                         f"{s['statistics'] + s['bases']:.1f} | {plan} |")
     return "\n".join(lines)
 
 
