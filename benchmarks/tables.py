@@ -19,7 +19,7 @@ from pathlib import Path
 from .quality_core import best_rates, markdown, summarise, with_int_steps
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = ["README.md", "docs/benchmarks.md", "docs/usage.md"]
+DOCUMENTS = ["README.md", "docs/benchmarks.md", "docs/usage.md", "docs/distributed.md"]
 MARKER = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
@@ -80,8 +80,16 @@ def qlora_routes(root: Path) -> str:
     return table(json.loads((root / "benchmarks/results/qlora_routes.json").read_text()))
 
 
+def sharded_statistics(root: Path) -> str:
+    """``benchmarks/results/sharded_statistics.json`` (``python -m benchmarks.sharded_statistics --out ...``)."""
+    from .sharded_statistics import table
+
+    return table(json.loads((root / "benchmarks/results/sharded_statistics.json").read_text()))
+
+
 TABLES = {"pass-cost": pass_cost, "quality-siqa": quality_siqa, "quality-bbc": quality_bbc,
-          "quality-bbc-sweep": quality_bbc_sweep, "memory-estimates": memory_estimates, "qlora-fit": qlora_fit, "qlora-routes": qlora_routes}
+          "quality-bbc-sweep": quality_bbc_sweep, "memory-estimates": memory_estimates, "qlora-fit": qlora_fit,
+          "qlora-routes": qlora_routes, "sharded-statistics": sharded_statistics}
 
 
 def render(text: str, root: Path = ROOT) -> str:
