@@ -112,7 +112,7 @@ def table(result: dict) -> str:
     if sharded:
         lines += ["", "Llama-3-70B sharded with FSDP2 over 8 ranks of 80 GB (`fully_shard` on every block and the "
                   "root), each rank with its own batches of the size above, default settings: per rank, its shard, "
-                  "the gathered weights (the root's and two blocks), the statistics and bases of the layers it owns, "
+                  "the gathered weights in the pass (the root's and three blocks), the statistics and bases of the layers it owns, "
                   "planned:", "",
                   "| method | peak per rank (GiB) | shard | gathered | statistics + bases | plan |",
                   "| --- | ---: | ---: | ---: | ---: | --- |"]

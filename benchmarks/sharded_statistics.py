@@ -88,7 +88,7 @@ def measure(world: int, args) -> dict:
     to the system, as in ``benchmarks.memory``)."""
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # inherited by the spawned ranks
     out = {}
-    for method in METHODS:
+    for method in args.methods.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             one = argparse.Namespace(**{**vars(args), "methods": method})
             mp.spawn(_rank, args=(world, os.path.join(tmp, "init"), one, tmp), nprocs=world, join=True)

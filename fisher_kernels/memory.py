@@ -74,9 +74,9 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
 
     ``world_size``: the peak of one rank of a model sharded with FSDP2 over that many ranks
     (``fully_shard`` on every block of the model's layer list and on the root), each rank with its own
-    batches of ``batch_size × seq_len``: its shard of the model, the parameters outside the blocks
-    whole (FSDP2 keeps the root's gathered through the pass) and two blocks gathered (the running one
-    and the one prefetched); the statistics and bases of the layers it owns (dealt by bytes, as
+    batches of ``batch_size × seq_len``: its shard of the model; in the pass the parameters outside
+    the blocks whole (FSDP2 keeps the root's gathered) and three blocks gathered (the running one, the
+    prefetched one and one not yet freed, as measured on CPU); the statistics and bases of the layers it owns (dealt by bytes, as
     ``init_lora`` deals them, see :mod:`fisher_kernels.distributed.owners`); in the pass, one
     layer's update and basis received from or sent to another rank; afterwards one unit's gathered
     weights. With ``device_bytes``, the plan keeps one pass and picks micro-batches (the per-rank
@@ -155,10 +155,10 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
 
 
 def _peak(stages: dict, model_resident: bool = True) -> int:
-    """The peak of the stages: model (and gathered weights) + bases + statistics + runtime + the
-    larger of activations and temporaries."""
-    return int((stages["model"] if model_resident else 0) + stages.get("gathered", 0) + stages["bases"]
-               + stages["statistics"] + max(stages["activations"], stages["temporaries"]) + stages["runtime"])
+    """The peak of the stages: model + bases + statistics + runtime + the larger of the pass
+    (activations, and a sharded model's gathered weights) and the temporaries."""
+    return int((stages["model"] if model_resident else 0) + stages["bases"] + stages["statistics"]
+               + max(stages["activations"] + stages.get("gathered", 0), stages["temporaries"]) + stages["runtime"])
 
 
 def _sharded_stages(model: nn.Module, method, names: list[str], stages: dict, shares_input: set[str],
@@ -172,7 +172,10 @@ def _sharded_stages(model: nn.Module, method, names: list[str], stages: dict, sh
     blocks = _block_list(model, names)
     in_blocks = sum(nbytes(b) for b in blocks)
     largest_block = max((nbytes(b) for b in blocks), default=0)
-    out = dict(stages, model=stages["model"] // world, gathered=(stages["model"] - in_blocks) + 2 * largest_block)
+    # in the pass: the root's parameters whole (FSDP2 keeps them gathered) and three blocks (the running one,
+    # the prefetched one and one not yet freed: the measured CPU peaks of benchmarks.sharded_statistics)
+    out = dict(stages, model=stages["model"] // world,
+               gathered=(stages["model"] - in_blocks) + 3 * largest_block if method.needs_data else 0)
     if not method.needs_data:
         out["temporaries"] = stages["temporaries"] + max(_weight_bytes(model, n) for n in names)
         return out
@@ -426,7 +429,7 @@ def _plan_sharded(model, method, names, held, *, batch_size, seq_len, free_bytes
                                    target_modules=names, model_resident=False, rank_is_a_cap=rank_is_a_cap,
                                    quantization=quantization, world_size=world_size)
         stages = estimate.stages
-        others = max(stages["activations"], stages["temporaries"]) + stages["runtime"] + stages["gathered"]
+        others = max(stages["activations"] + stages["gathered"], stages["temporaries"]) + stages["runtime"]
         room = room_total - others
         fixed = None if max_stats_memory in ("auto", None) else int(max_stats_memory)
         budget = fixed if fixed is not None else (None if max_stats_memory is None else room)

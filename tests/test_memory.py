@@ -184,7 +184,7 @@ def test_every_method_fits_8_fsdp2_ranks_of_80_gb_for_llama_3_70b_at_default_set
 
 def test_one_fsdp2_rank_holds_its_shard_two_gathered_blocks_and_its_owned_layers():
     """The per-rank stages against a re-derivation: the model over N plus the parameters outside the
-    blocks and two blocks whole; statistics and bases of the layers the dealing gives the fullest rank."""
+    blocks and three blocks whole in the pass; statistics and bases of the layers the dealing gives the fullest rank."""
     from benchmarks.memory_estimates import TARGETS, meta_llama
     from fisher_kernels.distributed.owners import owners_by_bytes
     from fisher_kernels.memory import layer_held_bytes
@@ -197,13 +197,29 @@ def test_one_fsdp2_rank_holds_its_shard_two_gathered_blocks_and_its_owned_layers
     nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
     block = nbytes(model.model.layers[0])
     assert four.stages["model"] == one.stages["model"] // 4
-    assert four.stages["gathered"] == one.stages["model"] - 32 * block + 2 * block
+    assert four.stages["gathered"] == one.stages["model"] - 32 * block + 3 * block
     names = [n for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
     held = layer_held_bytes(model, METHODS["lora_ga"](16, 1.0), names)
     owner = owners_by_bytes(held, 4)
     assert four.stages["statistics"] == max(sum(b for n, b in held.items() if owner[n] == r) for r in range(4))
     assert four.stages["statistics"] <= one.stages["statistics"] / 4 + max(held.values())
     assert four.peak_bytes < one.peak_bytes
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_the_per_rank_estimate_is_within_15_percent_of_two_fsdp2_ranks_measured_peaks():
+    """Fresh gloo processes (hidden 1024, 4 blocks): each rank's peak above its loaded shard."""
+    import argparse
+
+    from benchmarks.sharded_statistics import build, measure
+
+    measured = measure(2, argparse.Namespace(hidden=1024, layers=4, methods="lora_ga,lora_da"))
+    model = build(1024, 4)
+    for method, options in (("lora_ga", {}), ("lora_da", {"population_size": 100})):
+        estimate = estimate_memory(model, method=method, r=8, batch_size=2, seq_len=64, world_size=2, **options)
+        above_shard = estimate.peak_bytes - estimate.stages["model"]
+        peak = max(measured[method]["peak_above_start_bytes"])
+        assert abs(above_shard - peak) <= 0.15 * peak, (method, above_shard / 2**20, peak / 2**20)
 
 
 def test_the_model_loss_check_runs_on_one_sequence_without_autograd():
