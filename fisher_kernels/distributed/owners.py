@@ -37,16 +37,6 @@ def owners_by_bytes(layer_bytes: dict[str, int], world: int) -> dict[str, int]:
     return {name: owner[name] for name in layer_bytes}
 
 
-def rounds(units: list[list[str]], owner: dict[str, int], world: int) -> list[list[list[str]]]:
-    """The units in rounds of at most one per rank (each rank's units in model order); every layer
-    of a unit has one owner (see :func:`move_units_to_owners`)."""
-    per_rank: list[list[list[str]]] = [[] for _ in range(world)]
-    for unit in units:
-        per_rank[owner[unit[0]]].append(unit)
-    count = max((len(u) for u in per_rank), default=0)
-    return [[per_rank[r][k] for r in range(world) if k < len(per_rank[r])] for k in range(count)]
-
-
 class OwnerOps:
     """The statistics kernels (``ops``) of a pass whose accumulators live on their owners.
 

@@ -29,6 +29,16 @@ def deal(units: list[list[str]], world: int) -> dict[str, int]:
     return {name: index % world for index, unit in enumerate(units) for name in unit}
 
 
+def rounds(units: list[list[str]], owner: dict[str, int], world: int) -> list[list[list[str]]]:
+    """The units in rounds of at most one per rank (each rank's units in model order); every layer
+    of a unit has one owner (see :func:`~fisher_kernels.distributed.owners.move_units_to_owners`)."""
+    per_rank: list[list[list[str]]] = [[] for _ in range(world)]
+    for unit in units:
+        per_rank[owner[unit[0]]].append(unit)
+    count = max((len(u) for u in per_rank), default=0)
+    return [[per_rank[r][k] for r in range(world) if k < len(per_rank[r])] for k in range(count)]
+
+
 def _moved(value, device):
     """``value`` with every tensor inside (tuples, lists, dicts, dataclasses such as LayerInit and
     SingularBasis) moved to ``device``."""
@@ -101,8 +111,6 @@ def compute_in_rounds(units: list[list[str]], owner: dict[str, int] | None, gath
     owner, the others get its shapes, see :func:`broadcast_shapes`). A rank holds one unit's
     gathered weights at a time."""
     import torch.distributed as dist
-
-    from .owners import rounds
 
     rank, world = dist.get_rank(), dist.get_world_size()
     owner = deal(units, world) if owner is None else owner

@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared helpers
 
 from distributed.test_distributed import _lora_modules, _sharded, process_group  # noqa: E402
-from fisher_kernels.distributed.owners import owners_by_bytes, rounds  # noqa: E402
+from fisher_kernels.distributed.owners import owners_by_bytes  # noqa: E402
+from fisher_kernels.distributed.split_work import rounds  # noqa: E402
 
 METHODS = [("filet", {}), ("lora_da", dict(population_size=100)), ("lora_ga", {})]
 
