@@ -1,7 +1,7 @@
 """The ``fisher-kernels`` command.
 
     fisher-kernels init MODEL_DIR DATA.jsonl --method filet --r 16 --out OUT
-    fisher-kernels estimate MODEL_DIR --method filet --r 16 --batch-size 8 --seq-len 512
+    fisher-kernels estimate MODEL_DIR --method filet --r 16 --batch-size 8 --seq-len 512 [--world-size 8 --device-gb 80]
     fisher-kernels plot OUT/adapter/fisher_kernels_report.json --out PLOTS
 
 ``init`` loads a causal LM and its tokenizer from a local directory, tokenises a JSONL file (one
@@ -307,9 +307,12 @@ def command_estimate(args) -> None:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    device_bytes = None if args.device_gb is None else int(args.device_gb * 10**9)
     estimate = estimate_memory(model, method=args.method, r=args.r, batch_size=args.batch_size, seq_len=args.seq_len,
-                               quantization=args.quantize)
+                               quantization=args.quantize, device_bytes=device_bytes, world_size=args.world_size)
     print(estimate)
+    if estimate.plan is not None:
+        print(f"init's default settings plan: {estimate.plan.reason}")
     resident = process_memory("VmRSS")
     if resident is not None and args.device_kind == "cpu":  # on a GPU the process's host memory is not the device's
         print(f"plus this process's own memory (Python, torch, transformers; measured now): {resident / 2**30:.2f} GiB, "
@@ -400,6 +403,10 @@ def parser() -> argparse.ArgumentParser:
                           help="where init will run (on the CPU the process's own memory is added)")
     estimate.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
                           help="estimate as if loaded with bitsandbytes in 4-bit or 8-bit (QLoRA)")
+    estimate.add_argument("--world-size", type=_positive_int, default=1,
+                          help="one rank of the model sharded with FSDP2 over this many ranks (each with its own batches)")
+    estimate.add_argument("--device-gb", type=_positive_float, default=None,
+                          help="what init's default settings plan on a device of this many GB (micro-batches, passes)")
     estimate.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                           help="weights' dtype (default: the checkpoint's, as 'init --dtype auto' loads it)")
     estimate.set_defaults(run=command_estimate)

@@ -71,6 +71,20 @@ def test_estimate_reads_only_the_config(model_dir, capsys):
     assert "filet: peak" in out and "plus this process's own memory" in out  # on the CPU it shares the RAM
 
 
+def test_estimate_per_fsdp2_rank_and_planned_for_a_device(model_dir, capsys):
+    args = ["estimate", str(model_dir), "--method", "lora_ga", "--r", "2", "--batch-size", "2", "--seq-len", "16",
+            "--device-kind", "cuda"]
+    assert main(args) == 0
+    whole = capsys.readouterr().out
+    assert main(args + ["--world-size", "2", "--device-gb", "80"]) == 0
+    sharded = capsys.readouterr().out
+    assert "gathered" not in whole and "gathered" in sharded
+    assert "init's default settings plan:" in sharded and "2 ranks" in sharded
+    with pytest.raises(SystemExit):
+        main(args + ["--world-size", "0"])
+    assert "--world-size: must be a positive integer, got '0'" in capsys.readouterr().err
+
+
 def test_errors_are_one_line(tmp_path, model_dir, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "t3"}\nnot json\n')
