@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lazy_weights import LazyWeights
+from .lazy_weights import LazyWeights, WeightStandIn
 from .quantized import compute_dtype, dequantized, is_quantized
 
 try:  # transformers is a dependency, but keep the module importable without it
@@ -53,6 +53,12 @@ def weight_dtype(module: nn.Module) -> torch.dtype:
     return compute_dtype(module) if is_quantized(module) else module.weight.dtype
 
 
+def weight_stand_in(module: nn.Module) -> WeightStandIn:
+    """The layer's weight's shape ``(d_out, d_in)``, dtype (of :func:`weight_matrix`) and device, read
+    from the module alone."""
+    return WeightStandIn(torch.Size(layer_dims(module)), weight_dtype(module), module.weight.device)
+
+
 class WeightsOneAtATime(LazyWeights):
     """``{name: weight_matrix}`` read on access, one layer at a time (a model with quantized target
     layers: each access unpacks that layer, which is dropped after use)."""
@@ -64,6 +70,10 @@ class WeightsOneAtATime(LazyWeights):
         if name not in self.names:
             raise KeyError(name)
         return weight_matrix(self.model.get_submodule(name)).detach()
+
+    def stand_in(self, name: str) -> WeightStandIn:
+        """Shape, dtype and device of ``self[name]``, without unpacking it."""
+        return weight_stand_in(self.model.get_submodule(name))
 
 
 def row_blocks(n: int, size: int):

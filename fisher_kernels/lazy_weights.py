@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class WeightStandIn:
+    """A layer's weight as a method that reads no weight values sees it (``reads_weights = False``):
+    its ``shape`` ``(d_out, d_in)``, ``dtype`` and ``device``, without unpacking, reading or gathering
+    it (a quantized or sharded weight)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
 
 
 class LazyWeights:

@@ -195,9 +195,9 @@ def _sharded_stages(model: nn.Module, method, names: list[str], stages: dict, sh
     out["statistics"], out["bases"] = statistics[rank], bases[rank]
     out["activations"] = stages["activations"] + max(held.values())  # an update for (or a basis from) another rank
     unit, widest = 0, 0
-    for name in names:  # the gathered weights of the largest unit (layers sharing an input are solved together)
+    for name in names if method.reads_weights else []:  # the largest unit's gathered weights (layers sharing
         unit = (unit if name in shares_input and method.shares_input_factor else 0) + _weight_bytes(model, name)
-        widest = max(widest, unit)
+        widest = max(widest, unit)  # an input are solved together); none for a method that reads no weight
     out["temporaries"] = stages["temporaries"] + widest
     return out
 

@@ -132,6 +132,22 @@ def test_at_most_one_layer_is_unpacked_at_a_time(checkpoint, monkeypatch):
     assert 1 <= most[0] <= 2  # the layer's own, and at most one made from it while it is in use
 
 
+@pytest.mark.parametrize("method,reads", [("lora_ga", 0), ("lora_da", 0), ("filet", 2)])
+def test_the_stages_before_the_write_unpack_each_layer_only_where_a_method_reads_its_weight(checkpoint, monkeypatch,
+                                                                                            method, reads):
+    """Unpacking a 4-bit layer is a dequantisation of its weight: the statistics request does not read
+    the weight (it used to, once per layer and pass); LoRA-GA and LoRA-DA compute from statistics
+    alone, FILet reads it to decompose and to initialise."""
+    from fisher_kernels import compute_initialization
+
+    calls = []
+    unpack = quantized.dequantized
+    monkeypatch.setattr("fisher_kernels.layers.dequantized", lambda module: calls.append(module) or unpack(module))
+    model = load(checkpoint["llama-wide"], "nf4")
+    report = compute_initialization(model, DATA, method=method, r=4, progress=False)
+    assert len(calls) == reads * len(report.layers), (method, len(calls), len(report.layers))
+
+
 def test_the_full_precision_route_quantizes_the_residual_once_and_errs_less(checkpoint):
     """With base_weights, W − s·B₀A₀ is quantized from the checkpoint's W: the initialised weight is
     closer to W than the loaded quantized weight is (PiSSA's claim, for its top-r split), and closer

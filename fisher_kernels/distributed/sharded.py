@@ -26,6 +26,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..layers import weight_stand_in
+
 
 @functools.cache
 def _dtensor_type():
@@ -142,6 +144,10 @@ class GatheredWeights(Mapping):
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def stand_in(self, name: str):
+        """Shape, dtype and device of ``self[name]``, without gathering it (no collective)."""
+        return weight_stand_in(self.model.get_submodule(name))
 
     def restricted(self, names: list[str]) -> "GatheredWeights":
         return GatheredWeights(self.model, names)

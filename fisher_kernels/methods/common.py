@@ -187,7 +187,9 @@ class InitMethod:
 
     The orchestration calls, one layer at a time where it can: ``prepare(name, W)`` (work on the
     weight alone before the calibration pass, e.g. a decomposition; keep what it returns small),
-    ``statistics_request(name, W, prepared)`` (``None`` when the method needs no data), then
+    ``statistics_request(name, prepared)`` (``None`` when the method needs no data; what to collect
+    depends on the prepared data, never on the weight, so that a quantized or checkpoint-backed weight
+    is not unpacked again for it), then
     ``initialize(weights, stats, prepared)``, which yields ``(name, LayerInit)`` pairs as soon as
     each is ready, so that the caller can write it into the model and free what it used.
     ``W`` is the layer's weight as ``(d_out, d_in)`` in the model's own dtype: a view of the
@@ -202,6 +204,7 @@ class InitMethod:
     shares_input_factor: bool = False  # layers that read the same input share one input factor
     splittable: bool = True  # under torch.distributed, ranks may initialise different layers
     prepares: bool = False  # prepare() uses the weight (a sharded model's is gathered for it only then)
+    reads_weights: bool = True  # False: initialize needs only each weight's shape and device (WeightStandIn)
 
     def __init__(self, r: int, scale: float):
         self.r, self.scale = r, scale
@@ -228,7 +231,7 @@ class InitMethod:
     def prepare(self, name: str, W: torch.Tensor):
         return None
 
-    def statistics_request(self, name: str, W: torch.Tensor, prepared) -> StatisticsRequest | None:
+    def statistics_request(self, name: str, prepared) -> StatisticsRequest | None:
         return None
 
     def missing_statistics(self, request: StatisticsRequest, layer) -> list[str]:
@@ -238,9 +241,16 @@ class InitMethod:
     def initialize(self, weights: dict[str, torch.Tensor], stats: KFACStatistics | None,
                    prepared: dict) -> Iterator[tuple[str, LayerInit]]:
         """Yield ``(name, LayerInit)`` for every layer of ``weights``; by default layer by layer."""
-        for name, W in weights.items():
+        for name in weights:
             layer_stats = None if stats is None else stats[name]
-            yield name, self.initialize_layer(name, W, layer_stats, prepared.get(name))
+            yield name, self.initialize_layer(name, self.weight(weights, name), layer_stats, prepared.get(name))
+
+    def weight(self, weights, name: str):
+        """``weights[name]``, or for a method that reads no weight values (``reads_weights = False``) its
+        :class:`~fisher_kernels.lazy_weights.WeightStandIn` where reading would unpack or gather it."""
+        if not self.reads_weights and hasattr(weights, "stand_in"):
+            return weights.stand_in(name)
+        return weights[name]
 
     def initialize_layer(self, name: str, W: torch.Tensor, stats, prepared) -> LayerInit:
         raise NotImplementedError

@@ -138,7 +138,7 @@ class FILet(InitMethod):
         initialisation (a GPU model's: host RAM is not the device's) instead of being recomputed."""
         return W.is_cuda
 
-    def statistics_request(self, name, W, prepared):
+    def statistics_request(self, name, prepared):
         if self.route == "full":
             return StatisticsRequest(input_factor=True, output_factor=True)
         return StatisticsRequest(singular_basis=prepared)

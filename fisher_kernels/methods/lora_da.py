@@ -103,6 +103,7 @@ class LoraDA(InitMethod):
         self.residual_base = bool(residual_base)
 
     needs_data = True
+    reads_weights = False  # the factors come from the statistics alone (W: device)
 
     def held_bytes(self, d_out, d_in, dtype):
         return 4 * (d_in * d_in + d_out + d_out * d_in)
@@ -117,7 +118,7 @@ class LoraDA(InitMethod):
         # the fp32 inverse; then the step ΔW in float64 with its right-hand side)
         return max(32 * d_in * d_in, 20 * d_in * d_in + 16 * d_in * d_out)
 
-    def statistics_request(self, name, W, prepared):
+    def statistics_request(self, name, prepared):
         return StatisticsRequest(input_factor=True, output_factor_diag=True, gradient=True)
 
     def _damped_cholesky(self, name: str, input_factor: torch.Tensor) -> torch.Tensor:
@@ -194,7 +195,7 @@ class LoraDA(InitMethod):
                 A0 = vectors[i]                                  # (d_in, r)
                 lora_A = A0.T / root_gamma                       # (r, d_in)
                 lora_B = (A0.T @ deltas[i]).T / root_gamma       # (d_out, r)
-                W = weights[name]
+                W = self.weight(weights, name)
                 lora_A, lora_B = lora_A.to(W.device), lora_B.to(W.device)
                 update = residual_update(lora_A, lora_B, self.scale) if self.residual_base else None
                 yield name, LayerInit(lora_A, lora_B, update)

@@ -54,6 +54,7 @@ class LoraGA(InitMethod):
         self.loss_weighting = gradient_average
 
     needs_data = True
+    reads_weights = False  # the factors come from the gradient alone (W: shape and device)
     holds_layer_inputs = True
     loss_weighting = "batch"
 
@@ -66,7 +67,7 @@ class LoraGA(InitMethod):
         q = min(4 * self.r, d_out, d_in)
         return 4 * 3 * q * (d_out + d_in)  # svd_lowrank's blocks
 
-    def statistics_request(self, name, W, prepared):
+    def statistics_request(self, name, prepared):
         return StatisticsRequest(gradient=True)
 
     def initialize_layer(self, name, W, stats, prepared):

@@ -83,7 +83,7 @@ def collect(plan: Plan, group: list[str], prepared: dict, passes: list) -> KFACS
     method, report = plan.method, plan.report
     if not method.needs_data:
         return None
-    requests = {n: method.statistics_request(n, plan.weights[n], prepared[n]) for n in group}
+    requests = {n: method.statistics_request(n, prepared[n]) for n in group}
     if plan.statistics is not None:
         check_statistics(plan.model, plan.statistics, requests, method)
         stats = plan.statistics

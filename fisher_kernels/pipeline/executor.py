@@ -71,7 +71,9 @@ class Local:
         self.progress = plan.resources.progress
 
     def prepare(self, group: list[str]) -> dict:
-        bar = stage_bar(group, "decomposition", self.progress and self.method.prepares)
+        if not self.method.prepares:  # reading the weight would unpack a quantized one for nothing
+            return {n: None for n in group}
+        bar = stage_bar(group, "decomposition", self.progress)
         return {n: self.method.prepare(n, self.weights[n]) for n in bar}
 
     def solve(self, group: list[str], stats, prepared: dict) -> dict:
@@ -153,7 +155,8 @@ class ShardedSplit(Sharded):
         if self.owners is not None and not self.statistics_given:
             owner = dict(self.owners)
             move_units_to_owners(units, owner, stats, prepared, self.rank)
-        return compute_in_rounds(units, owner, self.gathered.__getitem__,
+        gather = self.gathered.__getitem__ if self.method.reads_weights else self.gathered.stand_in  # no collective
+        return compute_in_rounds(units, owner, gather,
                                  functools.partial(_initialized_share, self.method, stats, prepared,
                                                    self.statistics_given), self.device)
 

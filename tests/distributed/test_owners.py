@@ -38,14 +38,24 @@ def _rank_main(rank, world_size, init_file, out_dir):
     from fisher_kernels.distributed.sharded import whole
     from tiny_models import make_model, make_samples, pad_batches
 
+    import fisher_kernels.distributed.sharded as sharded
+
+    gathers, gather = [0], sharded.full_weight
+
+    def counted(module):
+        gathers[0] += 1
+        return gather(module)
+
+    sharded.full_weight = counted
     with process_group(rank, world_size, init_file, timeout_s=120):
         results = {}
         for method, options in METHODS:
             batches = pad_batches(make_samples("llama", n=8), 2)
+            gathers[0] = 0
             model = init_lora(_sharded(make_model("llama")), batches[rank::world_size], method=method, r=3,
                               progress=False, **options)
             report = model.fisher_kernels_report
-            results[method] = {"held": report.stats_bytes + report.prepared_bytes,
+            results[method] = {"held": report.stats_bytes + report.prepared_bytes, "gathers": gathers[0],
                                "A": {n: whole(m.lora_A["default"].weight) for n, m in _lora_modules(model).items()}}
         # per-rank budget of one layer's statistics: several passes, each group's layers dealt to owners
         model = init_lora(_sharded(make_model("llama")), batches[rank::world_size], method="lora_da", r=3,
@@ -87,6 +97,9 @@ def test_each_of_n_fsdp2_ranks_holds_about_1_over_n_of_the_statistics_and_the_sa
         assert sum(held) == one, (method, held, one)
         assert max(held) <= one / world + max(layers.values()), (method, held, one)
         assert max(held) < 0.75 * one if world == 2 else max(held) < 0.5 * one, (method, held, one)
+        # LoRA-GA and LoRA-DA read no weight values: their layers are never gathered; FILet's twice
+        # (decomposition, initialisation), each layer by every rank (a gather is a collective)
+        assert [rank[method]["gathers"] for rank in ranks] == [0 if method != "filet" else 2 * len(layers)] * world
         cases = [method] + (["passes"] if method == "lora_da" else [])
         for name, module in _lora_modules(single).items():
             expected = module.lora_A["default"].weight.detach()
