@@ -100,7 +100,7 @@ def move_units_to_owners(units: list[list[str]], owner: dict[str, int], stats, p
             box = [_moved((stats.layers[name], prepared.get(name)), "cpu") if held else None]
             dist.broadcast_object_list(box, src=owner[name])
             if rank == home:
-                device = next((t.device for t in stats.layers[unit[0]].tensors().values()), torch.device("cpu"))
+                device = next((t.device for t in stats.layers[source].tensors().values()), torch.device("cpu"))
                 stats.layers[name], prepared[name] = _moved(box[0], device)
                 stats.layers[name].input_factor = stats.layers[source].input_factor  # one shared tensor again
             elif held:

@@ -176,7 +176,7 @@ class StatisticsHooks:
         unknown = [name for name in requests if name not in modules]
         if unknown:
             raise ValueError(f"requests name layers the model does not have: {unknown[:5]}")
-        self.owners, self.rank = owners, rank
+        self.owners, self.rank, self.device = owners, rank, device
         self.layers = {name: LayerAccumulator(name, modules[name], req, device if self.owns(name) else "meta")
                        for name, req in requests.items()}
         self.ops = ops if owners is None else self._owner_ops(ops)
@@ -420,14 +420,12 @@ class StatisticsHooks:
         accumulators were summed on their owners batch by batch, so only the counts are)."""
         import torch.distributed as dist
 
-        accumulators = [t for t in self._distinct_accumulators() if not t.is_meta]
         if self.owners is None:
-            for t in accumulators:
+            for t in self._distinct_accumulators():
                 dist.all_reduce(t)
-        device = accumulators[0].device if accumulators else torch.device("cpu")
         layers = list(self.layers.values())
         counts = torch.tensor([layer.num_tokens for layer in layers] + [layer.calls for layer in layers] + counters,
-                              dtype=torch.float64, device=device)
+                              dtype=torch.float64, device=self.device)  # a rank may own no accumulator
         dist.all_reduce(counts)
         counts = [int(c) for c in counts.tolist()]
         for i, layer in enumerate(layers):
