@@ -84,6 +84,8 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
     """
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be a positive integer, got {r!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     if isinstance(method, InitMethod):
         init_method = method
     else:
@@ -128,8 +130,6 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
         temporaries = max(temporaries, layer_temporaries, update)
     stages = {"model": model_bytes, "activations": activations, "statistics": statistics, "bases": bases,
               "temporaries": temporaries, "runtime": RUNTIME_BYTES}
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     if world_size > 1:
         stages = _sharded_stages(model, init_method, names, stages, shares_input, world_size)
     estimate = MemoryEstimate(peak_bytes=_peak(stages, model_resident), stages=stages, method=init_method.name,
@@ -146,7 +146,7 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
                                    rank_is_a_cap=rank_is_a_cap, quantization=quantization, world_size=world_size)
     stages = dict(estimate.stages)
     if planned.budget is not None and world_size > 1:  # this rank's share of the largest group
-        share = sharded_groups(layer_held_bytes(model, init_method, names), world_size, planned.budget)[2]
+        share = sharded_groups(layer_held_bytes(model, init_method, names), world_size, planned.budget)[1]
         stages["statistics"] = max(0, min(share, stages["statistics"] + stages["bases"]) - stages["bases"])
     elif planned.budget is not None:  # one group's statistics and bases at a time
         stages["statistics"] = max(0, min(planned.budget, stages["statistics"] + stages["bases"]) - stages["bases"])
@@ -351,9 +351,8 @@ def plan_memory(model: nn.Module, method: InitMethod, names: list[str], *, batch
     for micro in micro_options:
         estimate = estimate_memory(model, method=method, r=method.r, batch_size=micro, seq_len=seq_len,
                                    target_modules=names, model_resident=False, rank_is_a_cap=rank_is_a_cap,
-                                   quantization=quantization, world_size=world_size)
-        others = (max(estimate.stages["activations"], estimate.stages["temporaries"]) + estimate.stages["runtime"]
-                  + estimate.stages.get("gathered", 0))
+                                   quantization=quantization)
+        others = max(estimate.stages["activations"], estimate.stages["temporaries"]) + estimate.stages["runtime"]
         room = room_total - others
         smallest_need = others + largest if smallest_need is None else min(smallest_need, others + largest)
         if max_stats_memory == "auto":
@@ -393,29 +392,23 @@ def plan_memory(model: nn.Module, method: InitMethod, names: list[str], *, batch
     return MemoryPlan(micro_batch_size=micro_out, budget=budget, peak_bytes=int(peak), reason=why)
 
 
-def sharded_groups(held: dict[str, int], world: int, budget: int | None) -> tuple[list[list[str]], dict[str, int], int]:
-    """The calibration groups of a sharded model's pass and the owner of each layer: consecutive
-    groups whose largest per-rank share (each group's layers dealt by bytes,
-    :func:`~fisher_kernels.distributed.owners.owners_by_bytes`) fits ``budget`` bytes per rank
-    (``None``: one group). Returns ``(groups, owners, largest share)``."""
-    from .distributed.owners import owners_by_bytes
-
-    def dealt(groups):
-        owners, share = {}, 0
-        for group in groups:
-            owner = owners_by_bytes({n: held[n] for n in group}, world)
-            owners.update(owner)
-            share = max([share] + [sum(held[n] for n in group if owner[n] == r) for r in range(world)])
-        return owners, share
+def sharded_groups(held: dict[str, int], world: int, budget: int | None) -> tuple[list[list[str]], int]:
+    """The calibration groups of a sharded model's pass: consecutive groups whose largest per-rank
+    share (each group's layers dealt by bytes, :func:`group_owners`) fits ``budget`` bytes per rank
+    (``None``: one group). Returns ``(groups, largest share)``."""
+    def share_of(groups):
+        owners = group_owners(held, groups, world)
+        return max((sum(held[n] for n in group if owners[n] == r) for group in groups for r in range(world)),
+                   default=0)
 
     groups = [list(held)]
-    owners, share = dealt(groups)
+    share = share_of(groups)
     total_budget = None if budget is None else budget * world
     while budget is not None and share > budget and total_budget >= max(held.values(), default=0):
         groups = consecutive_groups(held, total_budget)
-        owners, share = dealt(groups)
+        share = share_of(groups)
         total_budget = int(total_budget * 0.9)
-    return groups, owners, share
+    return groups, share
 
 
 def _plan_sharded(model, method, names, held, *, batch_size, seq_len, free_bytes, source, max_stats_memory,
@@ -433,7 +426,7 @@ def _plan_sharded(model, method, names, held, *, batch_size, seq_len, free_bytes
         room = room_total - others
         fixed = None if max_stats_memory in ("auto", None) else int(max_stats_memory)
         budget = fixed if fixed is not None else (None if max_stats_memory is None else room)
-        groups, _, share = sharded_groups(held, world_size, budget)
+        groups, share = sharded_groups(held, world_size, budget)
         smallest_need = others + share if smallest_need is None else min(smallest_need, others + share)
         if share > room or (len(groups) > 1 and not can_repeat):
             continue
@@ -462,17 +455,31 @@ def layer_held_bytes(model: nn.Module, method: InitMethod, names: list[str]) -> 
             for n in names}
 
 
-def plan_layer_groups(layer_bytes: dict[str, int], max_stats_memory: int | None) -> list[list[str]]:
+def plan_layer_groups(layer_bytes: dict[str, int], max_stats_memory: int | None, world: int = 1) -> list[list[str]]:
     """Consecutive groups of layers whose held bytes (``{name: bytes}``: statistics and bases from
     before the pass until the layer is initialised) fit in ``max_stats_memory`` (all layers in
-    one group when no budget is given)."""
+    one group when no budget is given). ``world`` > 1: a sharded pass, ``max_stats_memory`` per rank,
+    each group's layers dealt to owner ranks (:func:`sharded_groups`, :func:`group_owners`)."""
     if max_stats_memory is None:
         return [list(layer_bytes)]
     for name, need in layer_bytes.items():
         if need > max_stats_memory:
             raise ValueError(f"layer {name!r} alone needs {need} bytes of statistics, more than "
-                             f"max_stats_memory={max_stats_memory}")
+                             f"max_stats_memory={max_stats_memory}{' (per rank)' if world > 1 else ''}")
+    if world > 1:
+        return sharded_groups(layer_bytes, world, max_stats_memory)[0]
     return consecutive_groups(layer_bytes, max_stats_memory)
+
+
+def group_owners(layer_bytes: dict[str, int], groups: list[list[str]], world: int) -> dict[str, int]:
+    """``{layer: rank}``: each group's layers dealt by bytes
+    (:func:`~fisher_kernels.distributed.owners.owners_by_bytes`)."""
+    from .distributed.owners import owners_by_bytes
+
+    owners = {}
+    for group in groups:
+        owners.update(owners_by_bytes({n: layer_bytes[n] for n in group}, world))
+    return owners
 
 
 def consecutive_groups(layer_bytes: dict[str, int], budget: int) -> list[list[str]]:

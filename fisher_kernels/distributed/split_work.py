@@ -75,29 +75,18 @@ def compute_share(work, owner: dict[str, int], rank: int) -> dict:
     return results
 
 
-def broadcast_results(results: dict, owner: dict[str, int], names: list[str], device) -> dict:
-    """Every layer's result, each broadcast from its owner (through the CPU, then to ``device``)."""
+def broadcast_results(results: dict, owner: dict[str, int], names: list[str], device,
+                      shapes_only: bool = False) -> dict:
+    """Every layer's result, each broadcast from its owner (through the CPU, then to ``device``).
+    ``shapes_only``: each result stays on its owner; the other ranks receive its shapes (``meta`` tensors)."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
     out = {}
     for name in names:
-        box = [_moved(results[name], "cpu") if owner[name] == rank else None]
+        box = [_moved(results[name], "meta" if shapes_only else "cpu") if owner[name] == rank else None]
         dist.broadcast_object_list(box, src=owner[name])
-        out[name] = _moved(box[0], device)
-    return out
-
-
-def broadcast_shapes(results: dict, owner: dict[str, int], names: list[str]) -> dict:
-    """Every layer's result on its owner; the other ranks receive its shapes only (``meta`` tensors)."""
-    import torch.distributed as dist
-
-    rank = dist.get_rank()
-    out = {}
-    for name in names:
-        box = [_moved(results[name], "meta") if owner[name] == rank else None]
-        dist.broadcast_object_list(box, src=owner[name])
-        out[name] = results[name] if owner[name] == rank else box[0]
+        out[name] = (results[name] if owner[name] == rank else box[0]) if shapes_only else _moved(box[0], device)
     return out
 
 
@@ -108,7 +97,7 @@ def compute_in_rounds(units: list[list[str]], owner: dict[str, int] | None, gath
     most one unit per rank. In each round every rank gathers the round's layers in model order
     (``gather(name)`` returns the whole weight), keeps its own unit's, computes ``work({name:
     weight})`` for it, and the round's results are broadcast (``keep_on_owner``: each stays on its
-    owner, the others get its shapes, see :func:`broadcast_shapes`). A rank holds one unit's
+    owner, the others get its shapes, see :func:`broadcast_results`). A rank holds one unit's
     gathered weights at a time."""
     import torch.distributed as dist
 
@@ -125,6 +114,5 @@ def compute_in_rounds(units: list[list[str]], owner: dict[str, int] | None, gath
             del weight
         round_results = compute_share(functools.partial(work, mine), owner, rank)
         del mine
-        results.update(broadcast_shapes(round_results, owner, names) if keep_on_owner
-                       else broadcast_results(round_results, owner, names, device))
+        results.update(broadcast_results(round_results, owner, names, device, shapes_only=keep_on_owner))
     return results

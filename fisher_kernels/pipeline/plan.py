@@ -163,13 +163,10 @@ def make_plan(model: nn.Module, loader, *, method, r: int, scale: float, target_
     else:
         budget = plan_memory_of(plan, rank_is_a_cap)
         held = memory.layer_held_bytes(model, init_method, names)
-        if plan.split and sharding:  # statistics and bases held by one owner per layer, budgets per rank
-            if budget is not None and max(held.values()) > budget:
-                raise ValueError(f"a layer alone needs {max(held.values())} bytes of statistics, more than "
-                                 f"max_stats_memory={budget} (per rank)")
-            plan.groups, plan.owners, _ = memory.sharded_groups(held, plan.world, budget)
-        else:
-            plan.groups = memory.plan_layer_groups(held, budget)
+        owning = plan.world if plan.split and sharding else 1  # statistics and bases on one owner per layer
+        plan.groups = memory.plan_layer_groups(held, budget, owning)
+        if owning > 1:
+            plan.owners = memory.group_owners(held, plan.groups, owning)
         if len(plan.groups) > 1 and iter(loader) is loader:
             raise ValueError(f"max_stats_memory={resources.max_stats_memory} needs {len(plan.groups)} passes over the "
                              "data, so the loader must be re-iterable (a DataLoader or a list, not a generator)")
