@@ -99,13 +99,13 @@ def estimate_memory(model: nn.Module, *, method="filet", r: int = 16, batch_size
         check_rank_fits(model, names, r)
     if quantization not in (None, "4bit", "8bit"):
         raise ValueError(f"quantization must be None, '4bit' or '8bit', got {quantization!r}")
-    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    model_bytes = _module_bytes(model)
     if quantization is not None:  # a full-precision (meta) model estimated as if its targets were quantized
         for name in names:
             module = model.get_submodule(name)
             if not is_quantized(module):
                 d_out, d_in = layer_dims(module)
-                model_bytes += packed_bytes(d_out, d_in, quantization) - module.weight.numel() * module.weight.element_size()
+                model_bytes += packed_bytes(d_out, d_in, quantization) - _weight_bytes(model, name)
     activations, shares_input = 0, set()
     if init_method.needs_data:
         activations, shares_input = pass_activation_bytes(model, names, init_method, batch_size, seq_len)
@@ -166,12 +166,9 @@ def _sharded_stages(model: nn.Module, method, names: list[str], stages: dict, sh
     """One FSDP2 rank's stages (see :func:`estimate_memory`'s ``world_size``) from one process's."""
     from .distributed.owners import owners_by_bytes
 
-    def nbytes(module):
-        return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
     blocks = _block_list(model, names)
-    in_blocks = sum(nbytes(b) for b in blocks)
-    largest_block = max((nbytes(b) for b in blocks), default=0)
+    in_blocks = sum(_module_bytes(b) for b in blocks)
+    largest_block = max((_module_bytes(b) for b in blocks), default=0)
     # in the pass: the root's parameters whole (FSDP2 keeps them gathered) and three blocks (the running one,
     # the prefetched one and one not yet freed: the measured CPU peaks of benchmarks.sharded_statistics)
     out = dict(stages, model=stages["model"] // world,
@@ -200,6 +197,11 @@ def _sharded_stages(model: nn.Module, method, names: list[str], stages: dict, sh
         widest = max(widest, unit)  # an input are solved together); none for a method that reads no weight
     out["temporaries"] = stages["temporaries"] + widest
     return out
+
+
+def _module_bytes(module: nn.Module) -> int:
+    """Bytes of the module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def _weight_bytes(model: nn.Module, name: str) -> int:
